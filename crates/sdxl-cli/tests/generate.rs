@@ -1,0 +1,115 @@
+//! End-to-end: `sdxl generate` on the tiny models against the PNGs diffusers made for the
+//! same inputs (tools/parity/make_fixtures.py), and its errors on broken inputs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde::Deserialize;
+
+/// The parity bound per 8-bit channel: worst and mean absolute difference.
+const MAX_ABS: u8 = 3;
+const MEAN_ABS: f64 = 0.1;
+
+const MODELS: [&str; 2] = ["tiny-sdxl", "tiny-2level-fp16"];
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../sdxl-models/tests/fixtures")
+}
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    prompt: String,
+    negative_prompt: Option<String>,
+    width: usize,
+    height: usize,
+    steps: usize,
+    guidance: f64,
+    seed: u64,
+    noise_from: String,
+    noise: String,
+    png: String,
+}
+
+fn cases(model: &str) -> Vec<Case> {
+    let path = fixtures().join("golden").join(model).join("cases.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("read cases.json")).expect("parse cases.json")
+}
+
+fn sdxl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sdxl")).args(args).output().expect("run sdxl")
+}
+
+/// Runs `sdxl generate` for `case`, with `--noise FILE` or `--seed N`; returns the PNG bytes.
+fn generate(model: &str, case: &Case, by_seed: bool, out: &Path) -> Vec<u8> {
+    let model_dir = fixtures().join(model);
+    let noise = fixtures().join("golden").join(model).join(&case.noise);
+    let (width, height, steps, guidance, seed) =
+        (case.width.to_string(), case.height.to_string(), case.steps.to_string(), case.guidance.to_string(), case.seed.to_string());
+    let mut args = vec![
+        "generate", "--model", model_dir.to_str().unwrap(), "--prompt", &case.prompt, "--width", &width, "--height", &height,
+        "--steps", &steps, "--guidance", &guidance, "--dtype", "f32", "--output", out.to_str().unwrap(),
+    ];
+    if let Some(negative) = &case.negative_prompt {
+        args.extend(["--negative-prompt", negative]);
+    }
+    if by_seed {
+        args.extend(["--seed", &seed]);
+    } else {
+        args.extend(["--noise", noise.to_str().unwrap()]);
+    }
+    let output = sdxl(&args);
+    assert!(output.status.success(), "{model}/{}: sdxl failed: {}", case.name, String::from_utf8_lossy(&output.stderr));
+    std::fs::read(out).expect("read output png")
+}
+
+/// (max, mean) absolute difference over the RGB channels of two PNGs of the same size.
+fn png_difference(actual: &[u8], expected_path: &Path) -> (u8, f64) {
+    let actual = image::load_from_memory(actual).expect("decode output").to_rgb8();
+    let expected = image::open(expected_path).expect("decode golden").to_rgb8();
+    assert_eq!(actual.dimensions(), expected.dimensions(), "{}: size", expected_path.display());
+    let diffs: Vec<u8> = actual.as_raw().iter().zip(expected.as_raw()).map(|(a, b)| a.abs_diff(*b)).collect();
+    let max = diffs.iter().copied().max().unwrap_or(0);
+    let mean = diffs.iter().map(|&d| f64::from(d)).sum::<f64>() / diffs.len() as f64;
+    (max, mean)
+}
+
+fn check_case(model: &str, case: &Case, by_seed: bool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let png = generate(model, case, by_seed, &dir.path().join("out.png"));
+    let (max, mean) = png_difference(&png, &fixtures().join("golden").join(model).join(&case.png));
+    assert!(
+        max <= MAX_ABS && mean <= MEAN_ABS,
+        "{model}/{} ({}): max {max} mean {mean:.4} exceeds max {MAX_ABS} mean {MEAN_ABS}",
+        case.name,
+        if by_seed { "--seed" } else { "--noise" }
+    );
+}
+
+#[test]
+fn noise_file_reproduces_diffusers_pixels() {
+    for model in MODELS {
+        for case in cases(model) {
+            check_case(model, &case, false);
+        }
+    }
+}
+
+#[test]
+fn seed_reproduces_diffusers_cpu_generator() {
+    for model in MODELS {
+        for case in cases(model).iter().filter(|c| c.noise_from == "generator") {
+            check_case(model, case, true);
+        }
+    }
+}
+
+#[test]
+fn same_seed_gives_identical_bytes() {
+    let model = MODELS[0];
+    let case = &cases(model)[0];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = generate(model, case, true, &dir.path().join("a.png"));
+    let second = generate(model, case, true, &dir.path().join("b.png"));
+    assert_eq!(first, second);
+}

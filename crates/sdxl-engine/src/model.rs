@@ -1,0 +1,90 @@
+//! Loading a diffusers-layout SDXL directory into a [`Pipeline`].
+//!
+//! The directory holds `model_index.json` and the folders `unet/`, `vae/`, `text_encoder/`,
+//! `text_encoder_2/`, `tokenizer/`, `tokenizer_2/`, `scheduler/`; each model folder has a
+//! `config.json` and `*.safetensors` (or `*.fp16.safetensors`) weights.
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use sdxl_models::clip::text_model::ClipTextModel;
+use sdxl_models::clip::tokenizer::ClipTokenizer;
+use sdxl_models::pipeline::{Components, Pipeline};
+use sdxl_models::scheduler::EulerDiscrete;
+use sdxl_models::unet::UNet;
+use sdxl_models::vae::Vae;
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+/// The components every SDXL directory must have.
+const COMPONENTS: [&str; 7] = ["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"];
+
+#[derive(Deserialize)]
+struct ModelIndex {
+    #[serde(default = "yes")]
+    force_zeros_for_empty_prompt: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Loads the SDXL model in `dir`, running the UNet and text encoders in `dtype` (the VAE
+/// always decodes in f32).
+pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Pipeline> {
+    let model_error = |message: String| Error::Model { dir: dir.to_path_buf(), message };
+    if !dir.is_dir() {
+        return Err(model_error("not a directory".into()));
+    }
+    for name in COMPONENTS {
+        if !dir.join(name).is_dir() {
+            return Err(model_error(format!("missing component folder `{name}/`")));
+        }
+    }
+    let index_path = dir.join("model_index.json");
+    let index: ModelIndex = if index_path.is_file() {
+        sdxl_models::config::read_json(&index_path)?
+    } else {
+        return Err(model_error("missing `model_index.json`".into()));
+    };
+    let components = Components {
+        tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
+        tokenizer_2: ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?,
+        text_encoder: ClipTextModel::load(&dir.join("text_encoder"), false, dtype, device)?,
+        text_encoder_2: ClipTextModel::load(&dir.join("text_encoder_2"), true, dtype, device)?,
+        unet: UNet::load(&dir.join("unet"), dtype, device)?,
+        vae: Vae::load(&dir.join("vae"), device)?,
+        scheduler: EulerDiscrete::load(&dir.join("scheduler").join("scheduler_config.json"))?,
+        force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
+    };
+    check_compatible(&components).map_err(model_error)?;
+    Ok(Pipeline::new(components, device))
+}
+
+/// Cross-component checks: the UNet's context and pooled widths must match the encoders'.
+fn check_compatible(c: &Components) -> std::result::Result<(), String> {
+    let context = c.text_encoder.hidden_size() + c.text_encoder_2.hidden_size();
+    let unet = c.unet.config();
+    let cross = unet.cross_attention_dims();
+    if let Some(bad) = cross.iter().find(|&&d| d != context) {
+        return Err(format!(
+            "unet `cross_attention_dim` {bad} does not match the text encoders' combined width {context}"
+        ));
+    }
+    if let (Some(expected), Some(pooled)) = (c.unet.text_embeds_dim(), c.text_encoder_2.projection_dim()) {
+        if expected != pooled {
+            return Err(format!(
+                "unet add-embedding expects a pooled width of {expected}, text_encoder_2 `projection_dim` is {pooled}"
+            ));
+        }
+    }
+    if unet.in_channels != c.vae.config().latent_channels {
+        return Err(format!(
+            "unet `in_channels` {} does not match vae `latent_channels` {}",
+            unet.in_channels,
+            c.vae.config().latent_channels
+        ));
+    }
+    Ok(())
+}

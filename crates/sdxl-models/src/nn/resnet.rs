@@ -1,0 +1,69 @@
+//! diffusers' `ResnetBlock2D` (`models/resnet.py`) with `time_embedding_norm="default"`:
+//! GroupNorm → SiLU → conv, plus the projected time embedding, twice, with a 1×1 shortcut
+//! when the channel count changes. `[B, Cin, H, W] -> [B, Cout, H, W]`.
+
+use candle_core::{Module, Tensor};
+use candle_nn::{group_norm, Conv2d, GroupNorm, Linear, VarBuilder};
+
+use super::{conv2d, silu};
+
+/// Shape of a ResNet block.
+#[derive(Debug, Clone, Copy)]
+pub struct ResnetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Width of the time embedding, `None` where the block takes none (the VAE).
+    pub temb_channels: Option<usize>,
+    pub groups: usize,
+    pub eps: f64,
+    pub output_scale_factor: f64,
+}
+
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    pub fn new(vb: VarBuilder, cfg: &ResnetConfig) -> candle_core::Result<Self> {
+        let (cin, cout) = (cfg.in_channels, cfg.out_channels);
+        Ok(Self {
+            norm1: group_norm(cfg.groups, cin, cfg.eps, vb.pp("norm1"))?,
+            conv1: conv2d(cin, cout, 3, 1, 1, vb.pp("conv1"))?,
+            time_emb_proj: cfg
+                .temb_channels
+                .map(|t| candle_nn::linear(t, cout, vb.pp("time_emb_proj")))
+                .transpose()?,
+            norm2: group_norm(cfg.groups, cout, cfg.eps, vb.pp("norm2"))?,
+            conv2: conv2d(cout, cout, 3, 1, 1, vb.pp("conv2"))?,
+            conv_shortcut: (cin != cout).then(|| conv2d(cin, cout, 1, 1, 0, vb.pp("conv_shortcut"))).transpose()?,
+            output_scale_factor: cfg.output_scale_factor,
+        })
+    }
+
+    /// `x`: [B,Cin,H,W]; `temb`: [B,T] (required iff the block was built with `temb_channels`).
+    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let mut h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
+        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
+            // [B,T] -> [B,Cout,1,1]
+            let t = proj.forward(&silu(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
+            h = h.broadcast_add(&t)?;
+        }
+        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(x)?,
+            None => x.clone(),
+        };
+        let out = (shortcut + h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}
