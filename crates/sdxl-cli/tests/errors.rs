@@ -141,3 +141,9 @@ fn noise_of_the_wrong_shape_is_named() {
     assert!(!output.status.success());
     assert!(stderr.contains("tensor `noise` has shape [1, 4, 1, 1], expected [1, 4, 2, 2]"), "{stderr}");
 }
+
+#[test]
+fn bf16_on_the_cpu_is_refused() {
+    let err = fails(&fixture_model(), &[("--dtype", "bf16")]);
+    assert!(err.contains("dtype bf16 is not supported on the CPU"), "{err}");
+}

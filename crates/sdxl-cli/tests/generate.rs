@@ -42,13 +42,17 @@ fn sdxl(args: &[&str]) -> Output {
 
 /// Runs `sdxl generate` for `case`, with `--noise FILE` or `--seed N`; returns the PNG bytes.
 fn generate(model: &str, case: &Case, by_seed: bool, out: &Path) -> Vec<u8> {
+    generate_in(model, case, by_seed, "f32", out)
+}
+
+fn generate_in(model: &str, case: &Case, by_seed: bool, dtype: &str, out: &Path) -> Vec<u8> {
     let model_dir = fixtures().join(model);
     let noise = fixtures().join("golden").join(model).join(&case.noise);
     let (width, height, steps, guidance, seed) =
         (case.width.to_string(), case.height.to_string(), case.steps.to_string(), case.guidance.to_string(), case.seed.to_string());
     let mut args = vec![
         "generate", "--model", model_dir.to_str().unwrap(), "--prompt", &case.prompt, "--width", &width, "--height", &height,
-        "--steps", &steps, "--guidance", &guidance, "--dtype", "f32", "--output", out.to_str().unwrap(),
+        "--steps", &steps, "--guidance", &guidance, "--dtype", dtype, "--output", out.to_str().unwrap(),
     ];
     if let Some(negative) = &case.negative_prompt {
         args.extend(["--negative-prompt", negative]);
@@ -112,4 +116,19 @@ fn same_seed_gives_identical_bytes() {
     let first = generate(model, case, true, &dir.path().join("a.png"));
     let second = generate(model, case, true, &dir.path().join("b.png"));
     assert_eq!(first, second);
+}
+
+/// f16 compute is not a parity mode, but it must stay close to the f32 reference: the UNet
+/// and text encoders round to f16, the VAE still decodes in f32.
+const F16_MEAN_ABS: f64 = 1.0;
+
+#[test]
+fn f16_compute_stays_close_to_the_f32_reference() {
+    for model in MODELS {
+        let case = &cases(model)[0];
+        let dir = tempfile::tempdir().expect("tempdir");
+        let png = generate_in(model, case, false, "f16", &dir.path().join("out.png"));
+        let (_, mean) = png_difference(&png, &fixtures().join("golden").join(model).join(&case.png));
+        assert!(mean <= F16_MEAN_ABS, "{model}/{}: f16 mean difference {mean:.4} exceeds {F16_MEAN_ABS}", case.name);
+    }
 }

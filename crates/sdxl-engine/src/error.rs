@@ -25,6 +25,6 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl From<candle_core::Error> for Error {
     fn from(e: candle_core::Error) -> Self {
-        Error::Models(sdxl_models::Error::Candle(e))
+        Error::Models(e.into())
     }
 }

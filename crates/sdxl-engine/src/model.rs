@@ -33,6 +33,10 @@ fn yes() -> bool {
 /// Loads the SDXL model in `dir`, running the UNet and text encoders in `dtype` (the VAE
 /// always decodes in f32).
 pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Pipeline> {
+    if device.is_cpu() && dtype == DType::BF16 {
+        // candle's CPU backend has no bf16 matrix multiply
+        return Err(Error::InvalidRequest("dtype bf16 is not supported on the CPU; use f32 or f16".into()));
+    }
     let model_error = |message: String| Error::Model { dir: dir.to_path_buf(), message };
     if !dir.is_dir() {
         return Err(model_error("not a directory".into()));

@@ -27,7 +27,23 @@ pub enum Error {
     InvalidArgument(String),
     /// A tensor operation failed.
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    /// Drops candle's captured backtrace (present under `RUST_BACKTRACE`), so the error
+    /// stays one line; the operation and shapes in the message are what a user can act on.
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(strip_backtrace(e))
+    }
+}
+
+/// The error without candle's backtrace wrapper.
+pub fn strip_backtrace(e: candle_core::Error) -> candle_core::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => strip_backtrace(*inner),
+        other => other,
+    }
 }
 
 /// The result type of the model library.

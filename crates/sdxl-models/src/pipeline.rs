@@ -85,7 +85,7 @@ impl Pipeline {
     /// `on_step(done, total)` is called after every denoising step.
     pub fn txt2img(&self, request: &Txt2Img, noise: &Tensor, on_step: &mut dyn FnMut(usize, usize)) -> Result<RgbImage> {
         let f = self.vae_scale_factor();
-        if request.width == 0 || request.height == 0 || request.width % f != 0 || request.height % f != 0 {
+        if request.width == 0 || request.height == 0 || !request.width.is_multiple_of(f) || !request.height.is_multiple_of(f) {
             return Err(Error::InvalidArgument(format!(
                 "width and height must be positive multiples of {f}, got {}x{}",
                 request.width, request.height

@@ -56,11 +56,7 @@ impl Checkpoint {
 
     /// Wraps a model-construction failure (missing tensor, wrong shape) with the file's name.
     pub fn error(&self, e: candle_core::Error) -> Error {
-        let e = match e {
-            candle_core::Error::WithBacktrace { inner, .. } => *inner,
-            other => other,
-        };
-        Error::Weights { path: self.path().to_path_buf(), message: e.to_string() }
+        Error::Weights { path: self.path().to_path_buf(), message: crate::error::strip_backtrace(e).to_string() }
     }
 
     /// Fails if the checkpoint holds a tensor the model did not use and whose name does not

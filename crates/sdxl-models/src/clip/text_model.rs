@@ -171,7 +171,7 @@ impl ClipTextModel {
         if cfg.num_hidden_layers < 2 {
             return Err(Error::config(&config_path, "`num_hidden_layers` must be at least 2 (SDXL uses the penultimate layer)"));
         }
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(Error::config(&config_path, "`hidden_size` must be a multiple of `num_attention_heads`"));
         }
         let act = Activation::parse(&cfg.hidden_act, &config_path)?;

@@ -314,7 +314,7 @@ impl UNetConfig {
         if self.resnet_skip_time_act {
             return unsupported("resnet_skip_time_act", &true);
         }
-        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
+        if self.conv_in_kernel.is_multiple_of(2) || self.conv_out_kernel.is_multiple_of(2) {
             return Err(Error::config(path, "`conv_in_kernel` and `conv_out_kernel` must be odd"));
         }
         Ok(())
