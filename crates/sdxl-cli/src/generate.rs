@@ -52,7 +52,8 @@ pub struct GenerateArgs {
     /// Seed of the initial noise, as torch.Generator("cpu").manual_seed(SEED); random if absent.
     #[arg(long, conflicts_with = "noise")]
     seed: Option<u64>,
-    /// Initial noise: a safetensors file with one f32 tensor `noise` of shape [1,4,H/8,W/8].
+    /// Initial noise: a safetensors file with one f32 tensor `noise` of shape [1, C, H/f, W/f]
+    /// (C latent channels, f the VAE scale factor: [1, 4, H/8, W/8] for SDXL).
     #[arg(long)]
     noise: Option<PathBuf>,
     /// Input image for img2img.

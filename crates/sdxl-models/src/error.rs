@@ -10,7 +10,8 @@ pub enum Error {
     #[error("cannot read {path}: {source}")]
     Io {
         path: PathBuf,
-        #[source]
+        // Not marked #[source]: the message already carries it, and error chains printed
+        // with their causes would repeat it.
         source: std::io::Error,
     },
     /// A JSON config or tokenizer file is malformed or lacks a required key.

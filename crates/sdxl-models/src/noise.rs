@@ -17,13 +17,17 @@
 //!   for float, the low 53 bits of a 64-bit draw for double, scaled by 2^-digits);
 //! - `aten/src/ATen/core/DistributionsHelper.h`: `normal_distribution<double>`;
 //! - `aten/src/ATen/native/cpu/DistributionTemplates.h`: `normal_kernel` / `normal_fill` /
-//!   `NormalFill16`, the float path for contiguous tensors of 16 or more elements.
+//!   `NormalFill16`, the float path for contiguous tensors of 16 or more elements;
+//! - `aten/src/ATen/native/cpu/avx_mathfun.h`: `log256_ps` and `sincos256_ps`, the AVX2 kernel's
+//!   `log` and `sincos`.
 //!
 //! Two float kernels (see [`NormalFill`]): torch's x86-64 builds run an AVX2 Box–Muller with
-//! polynomial `log`/`sincos` (avx_mathfun) on every CPU with AVX2, AVX-512 included, while other
-//! CPUs run a generic loop over libm's `logf`/`cosf`/`sinf`. The two differ by up to about 2e-6.
-//! [`randn`] reproduces the AVX2 kernel, the one diffusers runs on an x86 machine, bit for bit; the
-//! generic kernel is bit-identical wherever Rust and torch share the libm (glibc on Linux).
+//! polynomial `log`/`sincos` on every CPU with AVX2, AVX-512 ones included, while CPUs without AVX2
+//! (and `ATEN_CPU_CAPABILITY=default`) run a generic loop over libm's `logf`/`cosf`/`sinf`. The two
+//! differ by up to about 2e-6 in a third or so of the values. [`randn`] reproduces the AVX2 kernel,
+//! the one diffusers runs on an x86 machine, bit for bit as torch's Linux wheels compute it
+//! (including the multiply-adds their compiler fuses); the generic kernel is bit-identical wherever
+//! Rust and torch call the same libm (glibc on Linux).
 
 use std::f64::consts::PI;
 
@@ -180,7 +184,7 @@ impl TorchGenerator {
             block_fn(block);
         }
         let len = out.len();
-        if len % 16 != 0 {
+        if !len.is_multiple_of(16) {
             let tail = &mut out[len - 16..];
             for v in tail.iter_mut() {
                 *v = self.uniform_f32();
@@ -219,8 +223,9 @@ fn normal_fill_16_scalar(block: &mut [f32]) {
     }
 }
 
-/// Torch's AVX2 `NormalFill16` with mean 0 and std 1, one lane at a time: every vector operation
-/// is the same single f32 rounding here, so the result is bit-identical.
+/// Torch's AVX2 `NormalFill16` with mean 0 and std 1, one lane at a time: each vector operation
+/// (and each multiply-add the compiler fused) is one f32 rounding here too, so the result is
+/// bit-identical.
 fn normal_fill_16_vectorized(block: &mut [f32]) {
     // `_mm256_set1_ps(2.0f * c10::pi<double>)`: 2π rounded to f32 once, then an f32 product.
     let two_pi = (2.0 * PI) as f32;
@@ -237,10 +242,17 @@ fn normal_fill_16_vectorized(block: &mut [f32]) {
 
 /// Scalar ports of the two functions of `aten/src/ATen/native/cpu/avx_mathfun.h` (Giovanni
 /// Garberoglio's AVX version of Julien Pommier's sse_mathfun, after Cephes' `logf` and `sinf`)
-/// that torch's AVX2 Box–Muller uses. Each line is one rounded f32 operation of the original; the
+/// that torch's AVX2 Box–Muller uses. Each step is one rounded f32 operation of the original; the
 /// constants are written as the C source writes them (double literals stored as float).
+///
+/// Torch's Linux x86-64 wheels are built by GCC with `-mfma` and its default
+/// `-ffp-contract=fast`, which fuses a multiply whose only use is an add or subtract into one FMA.
+/// The `mul_add` calls below are exactly those fusions (the first multiply of `a*b + c*d` is the
+/// one fused); checked bit for bit against torch 2.15's output.
+#[allow(clippy::excessive_precision)] // constants copied digit for digit from the C source
 mod avx_mathfun {
-    const SQRTHF: f32 = 0.707_106_781_186_547_524_f64 as f32;
+    /// `cephes_SQRTHF`, written as 0.707106781186547524 in the C source: the same f64, so the same f32.
+    const SQRTHF: f32 = std::f64::consts::FRAC_1_SQRT_2 as f32;
     const LOG_P: [f32; 9] = [
         7.037_683_629_2e-2_f64 as f32,
         -1.151_461_031_0e-1_f64 as f32,
@@ -255,9 +267,8 @@ mod avx_mathfun {
     const LOG_Q1: f32 = -2.121_944_40e-4_f64 as f32;
     const LOG_Q2: f32 = 0.693_359_375_f64 as f32;
 
-    const MINUS_DP1: f32 = -0.785_156_25_f64 as f32;
-    const MINUS_DP2: f32 = -2.418_756_484_985_351_562_5e-4_f64 as f32;
-    const MINUS_DP3: f32 = -3.774_894_977_445_941_08e-8_f64 as f32;
+    const MINUS_DP: [f32; 3] =
+        [-0.785_156_25_f64 as f32, -2.418_756_484_985_351_562_5e-4_f64 as f32, -3.774_894_977_445_941_08e-8_f64 as f32];
     const SINCOF: [f32; 3] =
         [-1.951_529_589_1e-4_f64 as f32, 8.332_160_873_6e-3_f64 as f32, -1.666_665_461_1e-1_f64 as f32];
     const COSCOF: [f32; 3] = [
@@ -270,29 +281,26 @@ mod avx_mathfun {
 
     /// `log256_ps` for one positive lane.
     pub(super) fn log(x: f32) -> f32 {
-        // Cut off denormals, split into exponent and a mantissa in [0.5, 1).
-        let x = x.max(f32::MIN_POSITIVE);
-        let bits = x.to_bits();
+        // Cut off denormals; split into exponent e and a mantissa x in [0.5, 1).
+        let bits = x.max(f32::MIN_POSITIVE).to_bits();
         let mut e = ((bits >> 23) as i32 - 0x7f) as f32 + 1.0;
         let mut x = f32::from_bits((bits & !0x7f80_0000) | 0.5f32.to_bits());
-        // if x < SQRTHF { e -= 1; x = x + x - 1 } else { x = x - 1 }, as the masked sequence does it.
+        // if x < SQRTHF { e -= 1; x = x + x - 1 } else { x = x - 1 }, as the masked code does it.
         let below = x < SQRTHF;
         let tmp = if below { x } else { 0.0 };
-        x = x - 1.0;
-        e = e - if below { 1.0 } else { 0.0 };
-        x = x + tmp;
+        x -= 1.0;
+        e -= if below { 1.0 } else { 0.0 };
+        x += tmp;
 
         let z = x * x;
-        let mut y = LOG_P[0];
-        for &p in &LOG_P[1..] {
-            y = y * x + p;
-        }
-        y = y * x;
-        y = y * z;
-        y = y + e * LOG_Q1;
-        y = y - z * 0.5;
-        x = x + y;
-        x + e * LOG_Q2
+        // y = ((p0*x + p1)*x + ... + p8) * x * z, each `*x + p` fused.
+        let y = LOG_P[1..].iter().fold(LOG_P[0], |y, &p| y.mul_add(x, p)) * x;
+        // y*z + e*q1: the y*z product is fused, e*q1 rounded first.
+        let y = y.mul_add(z, e * LOG_Q1);
+        // y - z*0.5 (z*0.5 is exact, fused or not).
+        let y = y - z * 0.5;
+        // (x + y) + e*q2, fused.
+        e.mul_add(LOG_Q2, x + y)
     }
 
     /// `sincos256_ps` for one lane: `(sin(x), cos(x))`.
@@ -300,33 +308,25 @@ mod avx_mathfun {
         let sign_sin = x.to_bits() & 0x8000_0000;
         let mut x = x.abs();
         // j = (int(x * 4/π) + 1) & ~1: the octant, rounded up to even.
-        let j = ((x * FOPI) as i32).wrapping_add(1) & !1;
+        let j = ((x * FOPI) as i32 + 1) & !1;
         let y = j as f32;
         let sign_sin = sign_sin ^ (((j & 4) as u32) << 29);
-        let sign_cos = ((!(j.wrapping_sub(2)) & 4) as u32) << 29;
+        let sign_cos = ((!(j - 2) & 4) as u32) << 29;
         let sine_poly_for_sin = j & 2 == 0;
 
-        // Extended-precision reduction: x = ((x - y*DP1) - y*DP2) - y*DP3.
-        x = x + y * MINUS_DP1;
-        x = x + y * MINUS_DP2;
-        x = x + y * MINUS_DP3;
-
-        // The cosine polynomial on [0, π/4] ...
+        // Extended-precision reduction x = ((x - y*DP1) - y*DP2) - y*DP3, each step fused.
+        for dp in MINUS_DP {
+            x = y.mul_add(dp, x);
+        }
         let z = x * x;
-        let mut yc = COSCOF[0];
-        yc = yc * z + COSCOF[1];
-        yc = yc * z + COSCOF[2];
-        yc = yc * z;
-        yc = yc * z;
-        yc = yc - z * 0.5;
-        yc = yc + 1.0;
-        // ... and the sine polynomial.
-        let mut ys = SINCOF[0];
-        ys = ys * z + SINCOF[1];
-        ys = ys * z + SINCOF[2];
-        ys = ys * z;
-        ys = ys * x;
-        ys = ys + x;
+
+        // Cosine polynomial on [0, π/4]: ((c0*z + c1)*z + c2)*z*z - z*0.5 + 1, where the last
+        // product is fused into the subtraction and z*0.5 rounded first (it is exact).
+        let yc = COSCOF[0].mul_add(z, COSCOF[1]).mul_add(z, COSCOF[2]) * z;
+        let yc = yc.mul_add(z, -(z * 0.5)) + 1.0;
+        // Sine polynomial: ((s0*z + s1)*z + s2)*z*x + x.
+        let ys = SINCOF[0].mul_add(z, SINCOF[1]).mul_add(z, SINCOF[2]) * z;
+        let ys = ys.mul_add(x, x);
 
         // The original selects with bit masks and adds the zeroed other branch: `v + 0`.
         let (sin, cos) = if sine_poly_for_sin { (ys + 0.0, yc + 0.0) } else { (yc + 0.0, ys + 0.0) };

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::clip::text_model::ClipTextModel;
 use crate::clip::tokenizer::ClipTokenizer;
+use crate::nn::div_scalar;
 use crate::scheduler::{EulerDiscrete, Schedule};
 use crate::unet::{Conditioning, UNet};
 use crate::vae::Vae;
@@ -184,7 +185,7 @@ impl Pipeline {
     /// `latents / scaling_factor`, VAE decode, then `round(clamp(x/2 + 0.5, 0, 1) · 255)` with
     /// ties to even, as diffusers' image processor and numpy compute it in f32.
     pub fn decode(&self, latents: &Tensor) -> Result<RgbImage> {
-        let scaled = (latents.to_dtype(DType::F32)? / self.parts.vae.config().scaling_factor)?;
+        let scaled = div_scalar(&latents.to_dtype(DType::F32)?, self.parts.vae.config().scaling_factor as f32)?;
         let image = self.parts.vae.decode(&scaled)?;
         to_rgb8(&image)
     }

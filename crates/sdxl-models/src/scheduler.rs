@@ -9,6 +9,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use crate::config::read_json;
+use crate::nn::div_scalar;
 use crate::{Error, Result};
 
 /// `scheduler/scheduler_config.json`.
@@ -196,7 +197,7 @@ impl Schedule {
     /// `scale_model_input`: `sample / sqrt(σᵢ² + 1)`.
     pub fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor> {
         let sigma = self.sigmas[i];
-        Ok((sample / f64::from((sigma * sigma + 1.0).sqrt()))?)
+        Ok(div_scalar(sample, (sigma * sigma + 1.0).sqrt())?)
     }
 
     /// `step` (deterministic Euler, `s_churn = 0`): the sample at step `i + 1`.
@@ -208,11 +209,11 @@ impl Schedule {
             // model_output * (-σ / sqrt(σ²+1)) + sample / (σ²+1)
             Prediction::VPrediction => {
                 let s2 = sigma * sigma + 1.0;
-                ((model_output * f64::from(-sigma / s2.sqrt()))? + (sample / f64::from(s2))?)?
+                ((model_output * f64::from(-sigma / s2.sqrt()))? + div_scalar(sample, s2)?)?
             }
         };
         // derivative = (sample - x0) / σ; prev = sample + derivative · (σᵢ₊₁ - σ)
-        let derivative = ((sample - pred_original)? / f64::from(sigma))?;
+        let derivative = div_scalar(&(sample - pred_original)?, sigma)?;
         let dt = self.sigmas[i + 1] - sigma;
         Ok((sample + (derivative * f64::from(dt))?)?)
     }

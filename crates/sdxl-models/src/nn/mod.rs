@@ -26,3 +26,30 @@ pub fn conv2d(
 pub fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
     candle_nn::ops::silu(x)
 }
+
+/// `tensor / scalar` as torch computes it in f32: a true division. (candle's `Tensor / f64`
+/// multiplies by the rounded reciprocal, which differs in the last bit; with the cosine
+/// schedule's σ ≈ 2·10⁴ that bit shows in the pixels.)
+pub fn div_scalar(t: &Tensor, divisor: f32) -> candle_core::Result<Tensor> {
+    let divisor = Tensor::new(divisor, t.device())?.to_dtype(t.dtype())?;
+    t.broadcast_div(&divisor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // regression: dividing by σ through candle's `Tensor / f64` multiplied by 1/σ, one ulp
+    // away from torch's true division, visible in pixels for σ ≈ 2·10⁴.
+    #[test]
+    fn div_scalar_is_a_true_division() {
+        let values: Vec<f32> = (1..2000).map(|i| i as f32 * 0.37).collect();
+        let t = Tensor::new(values.as_slice(), &candle_core::Device::Cpu).unwrap();
+        let divisor = 20291.3_f32;
+        let ours = div_scalar(&t, divisor).unwrap().to_vec1::<f32>().unwrap();
+        let exact: Vec<f32> = values.iter().map(|v| v / divisor).collect();
+        assert_eq!(ours, exact);
+        let reciprocal = (t / f64::from(divisor)).unwrap().to_vec1::<f32>().unwrap();
+        assert_ne!(reciprocal, exact, "the reciprocal multiply should differ somewhere, or this test pins nothing");
+    }
+}

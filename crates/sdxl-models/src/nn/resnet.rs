@@ -63,7 +63,7 @@ impl ResnetBlock2D {
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {
-            out / self.output_scale_factor
+            super::div_scalar(&out, self.output_scale_factor as f32)
         }
     }
 }

@@ -18,7 +18,6 @@ pub struct Shared {
     pub eps: f64,
     pub use_linear_projection: bool,
     pub downsample_padding: usize,
-    pub resnet_out_scale_factor: f64,
 }
 
 impl Shared {
@@ -62,7 +61,7 @@ impl DownBlock {
         let resnets = (0..plan.layers)
             .map(|i| {
                 let cin = if i == 0 { plan.in_channels } else { plan.out_channels };
-                let cfg = shared.resnet(cin, plan.out_channels, shared.resnet_out_scale_factor);
+                let cfg = shared.resnet(cin, plan.out_channels, 1.0);
                 ResnetBlock2D::new(vb.pp("resnets").pp(i), &cfg)
             })
             .collect::<candle_core::Result<_>>()?;
@@ -132,7 +131,7 @@ impl UpBlock {
             .map(|i| {
                 let skip = if i + 1 == plan.layers { plan.in_channels } else { plan.out_channels };
                 let cin = if i == 0 { plan.prev_output_channels } else { plan.out_channels };
-                let cfg = shared.resnet(cin + skip, plan.out_channels, shared.resnet_out_scale_factor);
+                let cfg = shared.resnet(cin + skip, plan.out_channels, 1.0);
                 ResnetBlock2D::new(vb.pp("resnets").pp(i), &cfg)
             })
             .collect::<candle_core::Result<_>>()?;

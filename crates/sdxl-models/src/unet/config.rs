@@ -10,6 +10,8 @@ use crate::{Error, Result};
 
 /// The keys of `unet/config.json` this implementation reads; unknown keys are ignored and
 /// keys whose non-default values we cannot honour are rejected in [`UNetConfig::resolve`].
+/// (`resnet_out_scale_factor` is not read: diffusers hands it only to block types we do not
+/// support, such as `ResnetDownsampleBlock2D`, so it never changes an SDXL-style UNet.)
 #[derive(Debug, Clone, Deserialize)]
 pub struct UNetConfig {
     #[serde(default = "four")]
@@ -83,8 +85,6 @@ pub struct UNetConfig {
     pub only_cross_attention: PerLevel<bool>,
     #[serde(default)]
     pub resnet_skip_time_act: bool,
-    #[serde(default = "one_f")]
-    pub resnet_out_scale_factor: f64,
     #[serde(default = "default_attention_type")]
     pub attention_type: String,
 }

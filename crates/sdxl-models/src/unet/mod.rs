@@ -73,7 +73,6 @@ impl UNet {
             eps: config.norm_eps,
             use_linear_projection: config.use_linear_projection,
             downsample_padding: config.downsample_padding,
-            resnet_out_scale_factor: config.resnet_out_scale_factor,
         };
         let text_time = plan
             .text_time
