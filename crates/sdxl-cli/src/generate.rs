@@ -97,10 +97,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let device = Device::Cpu;
     let pipeline = sdxl_engine::model::load(&args.model, args.dtype.into(), &device)?;
     let show_progress = std::io::stderr().is_terminal();
-    let image = sdxl_engine::generate::generate(&pipeline, &request, &mut |done, total| {
+    let image = sdxl_engine::generate::generate(&pipeline, &request, &mut |progress| {
         if show_progress {
-            eprint!("\rstep {done}/{total}");
-            if done == total {
+            eprint!("\rstep {}/{}", progress.step, progress.total);
+            if progress.step == progress.total {
                 eprintln!();
             }
         }

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use sdxl_models::pipeline::{Pipeline, RgbImage, Txt2Img};
+use sdxl_models::pipeline::{Pipeline, RgbImage, StepProgress, Txt2Img};
 
 use crate::request::{GenerateRequest, NoiseSource};
 use crate::{Error, Result};
@@ -44,7 +44,7 @@ fn read_noise(path: &Path, shape: &[usize; 4]) -> Result<Tensor> {
 }
 
 /// Generates the image for `request`, exactly `width × height`.
-pub fn generate(pipeline: &Pipeline, request: &GenerateRequest, on_step: &mut dyn FnMut(usize, usize)) -> Result<RgbImage> {
+pub fn generate(pipeline: &Pipeline, request: &GenerateRequest, on_step: &mut dyn FnMut(&StepProgress)) -> Result<RgbImage> {
     let noise = initial_noise(pipeline, request)?;
     let (width, height) = padded_size(pipeline, request.width, request.height);
     let txt2img = Txt2Img {

@@ -47,6 +47,15 @@ pub struct RgbImage {
     pub pixels: Vec<u8>,
 }
 
+/// Reported after every denoising step.
+pub struct StepProgress<'a> {
+    /// Steps done, 1-based.
+    pub step: usize,
+    pub total: usize,
+    /// The latents after this step, `[1, C, h, w]` (for previews and debugging).
+    pub latents: &'a Tensor,
+}
+
 /// Text conditioning for the UNet, batch order `[negative, positive]` under guidance.
 pub struct PromptEmbeddings {
     /// `[B, L, C1 + C2]`
@@ -83,8 +92,8 @@ impl Pipeline {
     }
 
     /// Generates one image from `noise` (standard normal, [`Self::latent_shape`]).
-    /// `on_step(done, total)` is called after every denoising step.
-    pub fn txt2img(&self, request: &Txt2Img, noise: &Tensor, on_step: &mut dyn FnMut(usize, usize)) -> Result<RgbImage> {
+    /// `on_step` is called after every denoising step.
+    pub fn txt2img(&self, request: &Txt2Img, noise: &Tensor, on_step: &mut dyn FnMut(&StepProgress)) -> Result<RgbImage> {
         let f = self.vae_scale_factor();
         if request.width == 0 || request.height == 0 || !request.width.is_multiple_of(f) || !request.height.is_multiple_of(f) {
             return Err(Error::InvalidArgument(format!(
@@ -161,7 +170,7 @@ impl Pipeline {
         text: &PromptEmbeddings,
         time_ids: &[[f32; 6]],
         guidance: f64,
-        on_step: &mut dyn FnMut(usize, usize),
+        on_step: &mut dyn FnMut(&StepProgress),
     ) -> Result<Tensor> {
         let guided = time_ids.len() == 2;
         let total = schedule.timesteps.len();
@@ -177,7 +186,7 @@ impl Pipeline {
                 prediction = (&uncond + ((cond_pred - &uncond)? * guidance)?)?;
             }
             latents = schedule.step(&prediction, i, &latents)?;
-            on_step(i + 1, total);
+            on_step(&StepProgress { step: i + 1, total, latents: &latents });
         }
         Ok(latents)
     }
