@@ -15,6 +15,9 @@ pub enum Error {
     /// The model library failed.
     #[error(transparent)]
     Models(#[from] sdxl_models::Error),
+    /// Writing the output image failed.
+    #[error("cannot encode the image: {0}")]
+    Encode(String),
     /// A feature that later versions provide.
     #[error("{0} is not supported yet")]
     NotSupported(&'static str),
