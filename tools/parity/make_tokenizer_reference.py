@@ -12,6 +12,14 @@ from tokenizer/'s vocab.json and merges.txt and the config files stored in the f
 the SDXL base repository's own files (special tokens as AddedToken objects with "normalized": true,
 the pad token a plain string, no added_tokens_decoder) for both pad tokens, and that layout with a
 legacy added_tokens.json.
+
+It also writes tokenizer_json/{pad_eot,pad_bang}/: CLIPTokenizers on a small vocabulary (the byte
+alphabet, the first SMALL_MERGES of tokenizer/'s merges, the two special tokens) padding with
+<|endoftext|> and with `!`, saved by save_pretrained as transformers 5 does: tokenizer.json and
+tokenizer_config.json only. pad_bang is saved after one call, so its tokenizer.json carries the
+truncation and padding that call left, as a pipeline saved after use does. Their ids go to
+tokenizer_json/reference.json. The script checks that transformers ignores the normalizer,
+pre-tokenizer, post-processor and decoder in tokenizer.json.
 """
 import json
 import os
@@ -20,6 +28,8 @@ import sys
 import tempfile
 
 from transformers import CLIPTokenizer
+
+SMALL_MERGES = 2000
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "crates", "sdxl-models", "tests", "fixtures")
 
@@ -106,10 +116,34 @@ def reference(folder):
     return {"max_length": max_length, "pad_id": tok.pad_token_id, "eos_id": tok.eos_token_id, "ids": ids}
 
 
+def save_small_tokenizers():
+    """The tokenizer_json/ folders, relative to FIXTURES."""
+    source = os.path.join(FIXTURES, "tiny-sdxl", "tokenizer")
+    with open(os.path.join(source, "merges.txt")) as f:
+        merges = [tuple(line.split(" ")) for line in f.read().splitlines()[1:SMALL_MERGES + 1]]
+    with open(os.path.join(source, "vocab.json")) as f:
+        vocab = {token: i for token, i in json.load(f).items() if i < 512 + SMALL_MERGES}
+    assert all(vocab["".join(m)] == 512 + i for i, m in enumerate(merges))
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    dirs = []
+    for name, pad in [("pad_eot", "<|endoftext|>"), ("pad_bang", "!")]:
+        tok = CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad, model_max_length=77)
+        if pad == "!":
+            tok("a cat", padding="max_length", max_length=77, truncation=True)
+        folder = os.path.join(FIXTURES, "tokenizer_json", name)
+        shutil.rmtree(folder, ignore_errors=True)
+        tok.save_pretrained(folder)
+        for f in set(os.listdir(folder)) - {"tokenizer.json", "tokenizer_config.json"}:
+            os.remove(os.path.join(folder, f))
+        dirs.append(os.path.join("tokenizer_json", name))
+    return dirs
+
+
 def main(path):
     folders = {}
     for name in ["tokenizer", "tokenizer_2"]:
         folders[name] = {"dir": f"tiny-sdxl/{name}", **reference(os.path.join(FIXTURES, "tiny-sdxl", name))}
+    small = {os.path.basename(d): {"dir": d, **reference(os.path.join(FIXTURES, d))} for d in save_small_tokenizers()}
     with tempfile.TemporaryDirectory() as tmp:
         for name, files in SYNTHETIC.items():
             folder = os.path.join(tmp, name)
@@ -120,6 +154,18 @@ def main(path):
                 with open(os.path.join(folder, f), "w") as out:
                     json.dump(content, out)
             folders[name] = {"vocab_from": "tiny-sdxl/tokenizer", "files": files, **reference(folder)}
+        # transformers rebuilds CLIP's pipeline and reads only the vocab, merges and added tokens.
+        folder = shutil.copytree(os.path.join(FIXTURES, "tokenizer_json", "pad_bang"), os.path.join(tmp, "bare"))
+        with open(os.path.join(folder, "tokenizer.json")) as f:
+            bare = {**json.load(f), **dict.fromkeys(["normalizer", "pre_tokenizer", "post_processor", "decoder"])}
+        with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+            json.dump(bare, f)
+        assert reference(folder) == {k: v for k, v in small["pad_bang"].items() if k != "dir"}
+    write(path, folders)
+    write(os.path.join(FIXTURES, "tokenizer_json", "reference.json"), small)
+
+
+def write(path, folders):
     with open(path, "w") as f:
         f.write('{"prompts": ' + json.dumps(PROMPTS, ensure_ascii=False, indent=0) + ',\n"folders": {\n')
         f.write(",\n".join(

@@ -3,7 +3,9 @@
 //! Fixture: `tests/fixtures/tokenizer_reference.json`, made by
 //! `tools/parity/make_tokenizer_reference.py` from the committed `tiny-sdxl/tokenizer*` folders
 //! (real CLIP vocabulary) and three folders it describes (the SDXL base repository's config
-//! layout, for both pad tokens, and a legacy `added_tokens.json`), which this test writes out.
+//! layout, for both pad tokens, and a legacy `added_tokens.json`), which this test writes out;
+//! and `tests/fixtures/tokenizer_json/reference.json`, made by the same script, for folders in
+//! transformers 5's `save_pretrained` layout (`tokenizer.json` without `vocab.json`/`merges.txt`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -36,9 +38,23 @@ struct Folder {
     ids: Vec<Vec<u32>>,
 }
 
-fn fixture() -> Fixture {
-    let text = std::fs::read_to_string(format!("{FIXTURES}/tokenizer_reference.json")).expect("fixture is committed");
+fn fixture(file: &str) -> Fixture {
+    let text = std::fs::read_to_string(format!("{FIXTURES}/{file}")).expect("fixture is committed");
     serde_json::from_str(&text).expect("fixture is valid JSON")
+}
+
+/// Asserts the lengths, special ids and every prompt's padded ids against transformers'.
+fn check_ids(name: &str, tok: &ClipTokenizer, folder: &Folder, prompts: &[String]) {
+    assert_eq!(tok.max_length(), folder.max_length, "{name}: max_length");
+    assert_eq!(tok.pad_id(), folder.pad_id, "{name}: pad id");
+    assert_eq!(tok.eos_id(), folder.eos_id, "{name}: eos id");
+    assert_eq!(folder.ids.len(), prompts.len());
+    for (prompt, unpadded) in prompts.iter().zip(&folder.ids) {
+        let mut want = unpadded.clone();
+        want.resize(folder.max_length, folder.pad_id);
+        let got = tok.encode(prompt).unwrap_or_else(|e| panic!("{name}: {prompt:?}: {e}"));
+        assert_eq!(got, want, "{name}: {prompt:?}");
+    }
 }
 
 /// A scratch directory under the system temp dir, removed on drop.
@@ -86,27 +102,49 @@ fn load(name: &str, folder: &Folder) -> (ClipTokenizer, Option<ScratchDir>) {
 
 #[test]
 fn ids_match_transformers() {
-    let fixture = fixture();
+    let fixture = fixture("tokenizer_reference.json");
     assert!(fixture.prompts.len() >= 40);
     assert!(fixture.folders.contains_key("tokenizer") && fixture.folders.contains_key("tokenizer_2"));
     for (name, folder) in &fixture.folders {
         let (tok, _scratch) = load(name, folder);
-        assert_eq!(tok.max_length(), folder.max_length, "{name}: max_length");
-        assert_eq!(tok.pad_id(), folder.pad_id, "{name}: pad id");
-        assert_eq!(tok.eos_id(), folder.eos_id, "{name}: eos id");
-        assert_eq!(folder.ids.len(), fixture.prompts.len());
-        for (prompt, unpadded) in fixture.prompts.iter().zip(&folder.ids) {
-            let mut want = unpadded.clone();
-            want.resize(folder.max_length, folder.pad_id);
-            let got = tok.encode(prompt).unwrap_or_else(|e| panic!("{name}: {prompt:?}: {e}"));
-            assert_eq!(got, want, "{name}: {prompt:?}");
-        }
+        check_ids(name, &tok, folder, &fixture.prompts);
     }
 }
 
 #[test]
+fn tokenizer_json_folders_match_transformers() {
+    let fixture = fixture("tokenizer_json/reference.json");
+    assert_eq!(fixture.prompts, self::fixture("tokenizer_reference.json").prompts);
+    assert_eq!(fixture.folders.keys().collect::<Vec<_>>(), ["pad_bang", "pad_eot"]);
+    for (name, folder) in &fixture.folders {
+        let dir = Path::new(FIXTURES).join(folder.dir.as_deref().expect("a committed folder"));
+        for file in ["vocab.json", "merges.txt"] {
+            assert!(!dir.join(file).exists(), "{name} has {file}: it would be read instead of tokenizer.json");
+        }
+        let tok = ClipTokenizer::from_dir(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+        check_ids(name, &tok, folder, &fixture.prompts);
+    }
+
+    // transformers rebuilds CLIP's normalizer, pre-tokenizer and post-processor rather than
+    // reading them from tokenizer.json (the script checks that it gives the same ids without
+    // them); so must this loader.
+    let bare = ScratchDir::new("bare-tokenizer-json");
+    let source = Path::new(FIXTURES).join("tokenizer_json/pad_bang");
+    std::fs::copy(source.join("tokenizer_config.json"), bare.0.join("tokenizer_config.json")).expect("copy config");
+    let mut json: Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join("tokenizer.json")).expect("read")).expect("JSON");
+    for stage in ["normalizer", "pre_tokenizer", "post_processor", "decoder"] {
+        json[stage] = Value::Null;
+    }
+    std::fs::write(bare.0.join("tokenizer.json"), json.to_string()).expect("write tokenizer.json");
+    let tok = ClipTokenizer::from_dir(&bare.0).expect("bare tokenizer.json");
+    check_ids("bare pad_bang", &tok, &fixture.folders["pad_bang"], &fixture.prompts);
+}
+
+#[test]
 fn sdxl_pad_tokens() {
-    // regression guard: tokenizer 2 must pad with `!` (id 0), not with EOT like tokenizer 1.
+    // tokenizer_2 pads with `!` (id 0); padding it with EOT like tokenizer 1 would change every
+    // hidden state text_encoder_2 computes at the pad positions.
     let one = ClipTokenizer::from_dir(&Path::new(FIXTURES).join("tiny-sdxl/tokenizer")).expect("tokenizer");
     let two = ClipTokenizer::from_dir(&Path::new(FIXTURES).join("tiny-sdxl/tokenizer_2")).expect("tokenizer_2");
     assert_eq!((one.pad_id(), one.eos_id(), one.max_length()), (49407, 49407, 77));
@@ -126,7 +164,7 @@ fn long_prompts_keep_eos_last() {
     assert!(ids[1..76].iter().all(|&id| id == 2368), "75 `cat</w>` tokens");
 }
 
-const HUB_CONFIG: &str = r#"{"model_max_length": 77, "pad_token": "!"}"#;
+const MINIMAL_CONFIG: &str = r#"{"model_max_length": 77, "pad_token": "!"}"#;
 
 fn expect_config_error(result: sdxl_models::Result<ClipTokenizer>, file: &str, needle: &str) {
     match result {
@@ -148,12 +186,15 @@ fn errors_name_the_file() {
         Ok(_) => panic!("loaded without tokenizer_config.json"),
     }
 
-    let bad_json = ScratchDir::with_vocab("bad-json", &[("tokenizer_config.json", HUB_CONFIG), ("special_tokens_map.json", "{")]);
+    let bad_json = ScratchDir::with_vocab(
+        "bad-json",
+        &[("tokenizer_config.json", MINIMAL_CONFIG), ("special_tokens_map.json", "{")],
+    );
     expect_config_error(ClipTokenizer::from_dir(&bad_json.0), "special_tokens_map.json", "EOF");
 
     let bad_pad = ScratchDir::with_vocab(
         "bad-pad",
-        &[("tokenizer_config.json", HUB_CONFIG), ("special_tokens_map.json", r#"{"pad_token": "<pad>"}"#)],
+        &[("tokenizer_config.json", MINIMAL_CONFIG), ("special_tokens_map.json", r#"{"pad_token": "<pad>"}"#)],
     );
     expect_config_error(ClipTokenizer::from_dir(&bad_pad.0), "special_tokens_map.json", "`<pad>` is not in");
 
@@ -166,11 +207,49 @@ fn errors_name_the_file() {
     );
     expect_config_error(ClipTokenizer::from_dir(&huge_length.0), "tokenizer_config.json", "model_max_length");
 
-    let bad_merges = ScratchDir::with_vocab("bad-merges", &[("tokenizer_config.json", HUB_CONFIG)]);
+    let bad_merges = ScratchDir::with_vocab("bad-merges", &[("tokenizer_config.json", MINIMAL_CONFIG)]);
     std::fs::write(bad_merges.0.join("merges.txt"), "#version: 0.2\ni n\nthree parts here\n").expect("write");
     expect_config_error(ClipTokenizer::from_dir(&bad_merges.0), "merges.txt", "line 3");
 
-    let bad_vocab = ScratchDir::with_vocab("bad-vocab", &[("tokenizer_config.json", HUB_CONFIG)]);
+    let bad_vocab = ScratchDir::with_vocab("bad-vocab", &[("tokenizer_config.json", MINIMAL_CONFIG)]);
     std::fs::write(bad_vocab.0.join("vocab.json"), r#"{"a": "zero"}"#).expect("write");
     expect_config_error(ClipTokenizer::from_dir(&bad_vocab.0), "vocab.json", "token -> id");
+}
+
+#[test]
+fn folder_without_vocabulary_is_named() {
+    let dir = ScratchDir::new("no-vocabulary");
+    std::fs::write(dir.0.join("tokenizer_config.json"), MINIMAL_CONFIG).expect("write config");
+    // vocab.json without merges.txt is no layout either.
+    std::fs::write(dir.0.join("vocab.json"), "{}").expect("write vocab");
+    match ClipTokenizer::from_dir(&dir.0) {
+        Err(err @ Error::Config { .. }) => {
+            let text = err.to_string();
+            assert!(text.contains(&dir.0.display().to_string()), "{text:?} does not name the folder");
+            assert!(text.contains("has neither vocab.json + merges.txt nor tokenizer.json"), "{text:?}");
+        }
+        Err(other) => panic!("want a config error, got {other}"),
+        Ok(_) => panic!("loaded a folder without a vocabulary"),
+    }
+}
+
+#[test]
+fn tokenizer_json_saved_left_padding_is_refused() {
+    // transformers takes `padding_side` from the padding saved in tokenizer.json when the config
+    // sets none, and would pad on the left; only the right side is implemented.
+    let dir = ScratchDir::new("left-padding");
+    let source = Path::new(FIXTURES).join("tokenizer_json/pad_bang");
+    std::fs::copy(source.join("tokenizer_config.json"), dir.0.join("tokenizer_config.json")).expect("copy config");
+    let json = std::fs::read_to_string(source.join("tokenizer.json")).expect("read");
+    let mut json: Value = serde_json::from_str(&json).expect("JSON");
+    json["padding"]["direction"] = "Left".into();
+    std::fs::write(dir.0.join("tokenizer.json"), json.to_string()).expect("write tokenizer.json");
+    match ClipTokenizer::from_dir(&dir.0) {
+        Err(Error::Unsupported { what, value }) => {
+            assert!(what.starts_with("padding_side in") && what.ends_with("tokenizer.json"), "{what}");
+            assert_eq!(value, r#""left""#);
+        }
+        Err(other) => panic!("want an unsupported error, got {other}"),
+        Ok(_) => panic!("loaded a tokenizer that transformers pads on the left"),
+    }
 }
