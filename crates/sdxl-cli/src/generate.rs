@@ -37,12 +37,12 @@ pub struct GenerateArgs {
     /// What to steer away from (used when --guidance is above 1).
     #[arg(long)]
     negative_prompt: Option<String>,
-    /// Image width in pixels (8-4096).
-    #[arg(long, default_value_t = 1024)]
-    width: usize,
-    /// Image height in pixels (8-4096).
-    #[arg(long, default_value_t = 1024)]
-    height: usize,
+    /// Image width in pixels (8-4096); default: the input image's width, else 1024.
+    #[arg(long)]
+    width: Option<usize>,
+    /// Image height in pixels (8-4096); default: the input image's height, else 1024.
+    #[arg(long)]
+    height: Option<usize>,
     /// Denoising steps (1-100); 4 suits the 4-step SDXL-Lightning UNet.
     #[arg(long, default_value_t = 4)]
     steps: usize,
@@ -52,17 +52,20 @@ pub struct GenerateArgs {
     /// Seed of the initial noise, as torch.Generator("cpu").manual_seed(SEED); random if absent.
     #[arg(long, conflicts_with = "noise")]
     seed: Option<u64>,
-    /// Initial noise: a safetensors file with one f32 tensor `noise` of shape [1, C, H/f, W/f]
-    /// (C latent channels, f the VAE scale factor: [1, 4, H/8, W/8] for SDXL).
+    /// Noise: a safetensors file with one f32 tensor `noise` of shape [1, C, H/f, W/f]
+    /// (C latent channels, f the VAE scale factor: [1, 4, H/8, W/8] for SDXL). With --image it
+    /// is the noise added to the image latents.
     #[arg(long)]
     noise: Option<PathBuf>,
-    /// Input image for img2img.
+    /// Input image (PNG, JPEG or WebP) for img2img, or for inpainting with --mask; resized
+    /// to the output size with a Lanczos filter when its size differs.
     #[arg(long)]
     image: Option<PathBuf>,
-    /// Strength of img2img (0-1).
+    /// How much of the schedule runs on the input image (0-1, default 1): the last
+    /// int(steps x strength) steps.
     #[arg(long)]
     strength: Option<f64>,
-    /// Inpainting mask (white = repaint).
+    /// Inpainting mask (white = repaint, black = keep); needs --image.
     #[arg(long)]
     mask: Option<PathBuf>,
     /// Compute dtype of the UNet and text encoders (the VAE always decodes in f32).
@@ -74,9 +77,6 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    if args.image.is_some() || args.mask.is_some() || args.strength.is_some() {
-        return Err(sdxl_engine::Error::NotSupported("img2img and inpainting (--image, --strength, --mask)").into());
-    }
     let noise = match (&args.noise, args.seed) {
         (Some(path), _) => NoiseSource::File(path.clone()),
         (None, Some(seed)) => NoiseSource::Seed(seed),
@@ -91,6 +91,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             steps: args.steps,
             guidance: args.guidance,
             noise,
+            image: args.image.as_deref().map(read_input).transpose()?,
+            mask: args.mask.as_deref().map(read_input).transpose()?,
+            strength: args.strength,
         },
         &Limits::CLI,
     )?;
@@ -111,6 +114,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         eprintln!("seed {seed}");
     }
     Ok(())
+}
+
+fn read_input(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
 /// A seed from the clock and the process id, for runs without --seed.

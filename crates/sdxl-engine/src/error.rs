@@ -18,9 +18,6 @@ pub enum Error {
     /// Writing the output image failed.
     #[error("cannot encode the image: {0}")]
     Encode(String),
-    /// A feature that later versions provide.
-    #[error("{0} is not supported yet")]
-    NotSupported(&'static str),
 }
 
 /// The engine's result type.

@@ -4,8 +4,10 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use sdxl_models::pipeline::{Pipeline, RgbImage, StepProgress, Txt2Img};
+use sdxl_models::pipeline::{Generation, Pipeline, Source, StepProgress};
+use sdxl_models::pixels::RgbImage;
 
+use crate::images::{resize_mask, resize_rgb};
 use crate::request::{GenerateRequest, NoiseSource};
 use crate::{Error, Result};
 
@@ -47,15 +49,28 @@ fn read_noise(path: &Path, shape: &[usize; 4]) -> Result<Tensor> {
 pub fn generate(pipeline: &Pipeline, request: &GenerateRequest, on_step: &mut dyn FnMut(&StepProgress)) -> Result<RgbImage> {
     let noise = initial_noise(pipeline, request)?;
     let (width, height) = padded_size(pipeline, request.width, request.height);
-    let txt2img = Txt2Img {
+    // The input image and mask are resized to the generation size (a no-op when they match).
+    let resized = match &request.source {
+        Some(source) => Some((
+            resize_rgb(&source.image, width, height)?,
+            source.mask.as_ref().map(|m| resize_mask(m, width, height)).transpose()?,
+        )),
+        None => None,
+    };
+    let generation = Generation {
         prompt: &request.prompt,
         negative_prompt: request.negative_prompt.as_deref(),
         width,
         height,
         steps: request.steps,
         guidance: request.guidance,
+        source: request.source.as_ref().zip(resized.as_ref()).map(|(source, (image, mask))| Source {
+            image,
+            strength: source.strength,
+            mask: mask.as_ref(),
+        }),
     };
-    let image = pipeline.txt2img(&txt2img, &noise, on_step)?;
+    let image = pipeline.generate(&generation, &noise, on_step)?;
     Ok(crop(&image, request.width, request.height))
 }
 

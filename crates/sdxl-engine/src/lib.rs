@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod generate;
+pub mod images;
 pub mod model;
 pub mod png;
 pub mod request;

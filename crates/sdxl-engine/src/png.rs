@@ -3,7 +3,7 @@
 use std::io::Cursor;
 
 use image::{ImageFormat, RgbImage as ImageBuffer};
-use sdxl_models::pipeline::RgbImage;
+use sdxl_models::pixels::RgbImage;
 
 use crate::{Error, Result};
 

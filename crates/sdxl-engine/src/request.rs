@@ -3,6 +3,9 @@
 
 use std::path::PathBuf;
 
+use sdxl_models::pixels::{GrayImage, RgbImage};
+
+use crate::images::{decode_mask, decode_rgb};
 use crate::{Error, Result};
 
 /// Where the initial noise comes from.
@@ -17,6 +20,8 @@ pub enum NoiseSource {
 /// The bounds a front end accepts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
+    /// Width and height when neither the request nor an input image gives one.
+    pub default_side: usize,
     pub min_side: usize,
     pub max_side: usize,
     pub max_steps: usize,
@@ -25,7 +30,7 @@ pub struct Limits {
 
 impl Limits {
     /// `sdxl generate`: any size from 8 to 4096 pixels, 1 to 100 steps.
-    pub const CLI: Limits = Limits { min_side: 8, max_side: 4096, max_steps: 100, max_guidance: 30.0 };
+    pub const CLI: Limits = Limits { default_side: 1024, min_side: 8, max_side: 4096, max_steps: 100, max_guidance: 30.0 };
 }
 
 /// The fields of a request as a front end received them.
@@ -33,11 +38,26 @@ impl Limits {
 pub struct RawRequest {
     pub prompt: String,
     pub negative_prompt: Option<String>,
-    pub width: usize,
-    pub height: usize,
+    /// `None`: the input image's width, or the default.
+    pub width: Option<usize>,
+    pub height: Option<usize>,
     pub steps: usize,
     pub guidance: f64,
     pub noise: NoiseSource,
+    /// Encoded PNG, JPEG or WebP bytes of the img2img / inpainting input.
+    pub image: Option<Vec<u8>>,
+    /// Encoded bytes of the inpainting mask (white = repaint).
+    pub mask: Option<Vec<u8>>,
+    /// img2img / inpainting strength, 0–1 (default 1); ignored without an image.
+    pub strength: Option<f64>,
+}
+
+/// A decoded input image with its strength and optional mask, at their own sizes.
+#[derive(Debug, Clone)]
+pub struct SourceImage {
+    pub image: RgbImage,
+    pub strength: f64,
+    pub mask: Option<GrayImage>,
 }
 
 /// A request whose every field is within [`Limits`].
@@ -50,23 +70,12 @@ pub struct GenerateRequest {
     pub steps: usize,
     pub guidance: f64,
     pub noise: NoiseSource,
+    pub source: Option<SourceImage>,
 }
 
 impl GenerateRequest {
     /// Checks `raw` against `limits`; the error names the field and the bound.
     pub fn parse(raw: RawRequest, limits: &Limits) -> Result<Self> {
-        let side = |field: &str, value: usize| {
-            if (limits.min_side..=limits.max_side).contains(&value) {
-                Ok(value)
-            } else {
-                Err(Error::InvalidRequest(format!(
-                    "`{field}` must be between {} and {}, got {value}",
-                    limits.min_side, limits.max_side
-                )))
-            }
-        };
-        let width = side("width", raw.width)?;
-        let height = side("height", raw.height)?;
         if !(1..=limits.max_steps).contains(&raw.steps) {
             return Err(Error::InvalidRequest(format!(
                 "`steps` must be between 1 and {}, got {}",
@@ -79,16 +88,58 @@ impl GenerateRequest {
                 limits.max_guidance, raw.guidance
             )));
         }
+        let source = parse_source(&raw)?;
+        // Sizes default to the input image's, clamped into range, else to the default.
+        let default_size = |image_side: Option<usize>| {
+            image_side.map_or(limits.default_side, |s| s.clamp(limits.min_side, limits.max_side))
+        };
+        let width = raw.width.unwrap_or_else(|| default_size(source.as_ref().map(|s| s.image.width)));
+        let height = raw.height.unwrap_or_else(|| default_size(source.as_ref().map(|s| s.image.height)));
+        let side = |field: &str, value: usize| {
+            if (limits.min_side..=limits.max_side).contains(&value) {
+                Ok(value)
+            } else {
+                Err(Error::InvalidRequest(format!(
+                    "`{field}` must be between {} and {}, got {value}",
+                    limits.min_side, limits.max_side
+                )))
+            }
+        };
         Ok(Self {
+            width: side("width", width)?,
+            height: side("height", height)?,
             prompt: raw.prompt,
             negative_prompt: raw.negative_prompt,
-            width,
-            height,
             steps: raw.steps,
             guidance: raw.guidance,
             noise: raw.noise,
+            source,
         })
     }
+}
+
+/// Decodes the input image and mask and checks the strength against the step count.
+fn parse_source(raw: &RawRequest) -> Result<Option<SourceImage>> {
+    let Some(image_bytes) = &raw.image else {
+        if raw.mask.is_some() {
+            return Err(Error::InvalidRequest("`mask` requires `image`".into()));
+        }
+        return Ok(None);
+    };
+    let strength = raw.strength.unwrap_or(1.0);
+    if !strength.is_finite() || !(0.0..=1.0).contains(&strength) {
+        return Err(Error::InvalidRequest(format!("`strength` must be between 0 and 1, got {strength}")));
+    }
+    // diffusers runs the last min(int(steps · strength), steps) timesteps
+    if ((raw.steps as f64) * strength) as usize == 0 {
+        return Err(Error::InvalidRequest(format!(
+            "`strength` × `steps` must be at least 1 (int({} × {strength}) = 0)",
+            raw.steps
+        )));
+    }
+    let image = decode_rgb(image_bytes, "image")?;
+    let mask = raw.mask.as_deref().map(|bytes| decode_mask(bytes, "mask")).transpose()?;
+    Ok(Some(SourceImage { image, strength, mask }))
 }
 
 #[cfg(test)]
@@ -99,12 +150,45 @@ mod tests {
         RawRequest {
             prompt: "a cat".into(),
             negative_prompt: None,
-            width: 1024,
-            height: 1024,
+            width: None,
+            height: None,
             steps: 4,
             guidance: 0.0,
             noise: NoiseSource::Seed(1),
+            image: None,
+            mask: None,
+            strength: None,
         }
+    }
+
+    fn png(width: u32, height: u32) -> Vec<u8> {
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        image::RgbImage::new(width, height).write_to(&mut bytes, image::ImageFormat::Png).unwrap();
+        bytes.into_inner()
+    }
+
+    #[test]
+    fn size_defaults_to_the_input_image_clamped() {
+        let parsed = GenerateRequest::parse(RawRequest { image: Some(png(40, 5)), ..raw() }, &Limits::CLI).unwrap();
+        assert_eq!((parsed.width, parsed.height), (40, 8));
+        let parsed = GenerateRequest::parse(raw(), &Limits::CLI).unwrap();
+        assert_eq!((parsed.width, parsed.height), (1024, 1024));
+    }
+
+    #[test]
+    fn mask_without_image_is_refused() {
+        let err = GenerateRequest::parse(RawRequest { mask: Some(png(8, 8)), ..raw() }, &Limits::CLI).unwrap_err();
+        assert_eq!(err.to_string(), "`mask` requires `image`");
+    }
+
+    #[test]
+    fn strength_must_leave_a_step() {
+        let request = RawRequest { image: Some(png(8, 8)), strength: Some(0.2), ..raw() };
+        let err = GenerateRequest::parse(request, &Limits::CLI).unwrap_err();
+        assert_eq!(err.to_string(), "`strength` × `steps` must be at least 1 (int(4 × 0.2) = 0)");
+        let request = RawRequest { image: Some(png(8, 8)), strength: Some(1.5), ..raw() };
+        let err = GenerateRequest::parse(request, &Limits::CLI).unwrap_err();
+        assert_eq!(err.to_string(), "`strength` must be between 0 and 1, got 1.5");
     }
 
     #[test]
@@ -114,9 +198,9 @@ mod tests {
 
     #[test]
     fn errors_name_the_field_and_bound() {
-        let err = GenerateRequest::parse(RawRequest { width: 4100, ..raw() }, &Limits::CLI).unwrap_err();
+        let err = GenerateRequest::parse(RawRequest { width: Some(4100), ..raw() }, &Limits::CLI).unwrap_err();
         assert_eq!(err.to_string(), "`width` must be between 8 and 4096, got 4100");
-        let err = GenerateRequest::parse(RawRequest { height: 7, ..raw() }, &Limits::CLI).unwrap_err();
+        let err = GenerateRequest::parse(RawRequest { height: Some(7), ..raw() }, &Limits::CLI).unwrap_err();
         assert_eq!(err.to_string(), "`height` must be between 8 and 4096, got 7");
         let err = GenerateRequest::parse(RawRequest { steps: 0, ..raw() }, &Limits::CLI).unwrap_err();
         assert_eq!(err.to_string(), "`steps` must be between 1 and 100, got 0");

@@ -17,3 +17,4 @@ pub mod vae;
 pub mod weights;
 pub mod scheduler;
 pub mod pipeline;
+pub mod pixels;

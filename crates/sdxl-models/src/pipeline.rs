@@ -1,14 +1,18 @@
-//! The SDXL text-to-image pipeline, step for step as diffusers' `StableDiffusionXLPipeline`
-//! (`pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl.py`) runs it.
+//! The SDXL pipelines, step for step as diffusers runs them:
+//! `StableDiffusionXLPipeline` (text to image), `StableDiffusionXLImg2ImgPipeline` and
+//! `StableDiffusionXLInpaintPipeline` with a 4-channel UNet
+//! (`pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl*.py`).
 //!
-//! The pipeline takes its initial noise as an input (a seeded draw or a caller's tensor of
-//! shape [`Pipeline::latent_shape`]), so the same noise always gives the same pixels.
+//! The pipeline takes its noise as an input (a seeded draw or a caller's tensor of shape
+//! [`Pipeline::latent_shape`]): the start latents in text-to-image, the noise added to the
+//! image latents in img2img and inpainting. The same noise always gives the same pixels.
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::clip::text_model::ClipTextModel;
 use crate::clip::tokenizer::ClipTokenizer;
 use crate::nn::div_scalar;
+use crate::pixels::{GrayImage, RgbImage};
 use crate::scheduler::{EulerDiscrete, Schedule};
 use crate::unet::{Conditioning, UNet};
 use crate::vae::Vae;
@@ -27,9 +31,9 @@ pub struct Components {
     pub force_zeros_for_empty_prompt: bool,
 }
 
-/// One text-to-image generation. `width`/`height` must be multiples of the VAE scale factor.
+/// One generation. `width`/`height` must be multiples of the VAE scale factor.
 #[derive(Debug, Clone)]
-pub struct Txt2Img<'a> {
+pub struct Generation<'a> {
     pub prompt: &'a str,
     pub negative_prompt: Option<&'a str>,
     pub width: usize,
@@ -37,14 +41,18 @@ pub struct Txt2Img<'a> {
     pub steps: usize,
     /// Classifier-free guidance scale; guidance runs only when it is above 1.
     pub guidance: f64,
+    /// The image to start from (img2img, inpainting); `None` for text to image.
+    pub source: Option<Source<'a>>,
 }
 
-/// An 8-bit RGB image, rows top to bottom, `3 · width · height` bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RgbImage {
-    pub width: usize,
-    pub height: usize,
-    pub pixels: Vec<u8>,
+/// The input image of img2img and inpainting, already at the generation size.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    pub image: &'a RgbImage,
+    /// How much of the schedule runs: the last `min(int(steps · strength), steps)` steps.
+    pub strength: f64,
+    /// Inpainting mask (white = repaint), at the generation size.
+    pub mask: Option<&'a GrayImage>,
 }
 
 /// Reported after every denoising step.
@@ -62,6 +70,19 @@ pub struct PromptEmbeddings {
     pub context: Tensor,
     /// `[B, P]`
     pub pooled: Tensor,
+}
+
+/// What the denoising loop starts from and, for inpainting, re-imposes after each step.
+struct Start {
+    latents: Tensor,
+    inpaint: Option<Inpaint>,
+}
+
+/// Inpainting state: the clean image latents, the latent-grid mask and the noise.
+struct Inpaint {
+    image_latents: Tensor,
+    mask: Tensor,
+    noise: Tensor,
 }
 
 /// Loaded SDXL, ready to generate.
@@ -85,7 +106,7 @@ impl Pipeline {
         self.parts.vae.config().scale_factor()
     }
 
-    /// Shape of the initial noise for an image of `width × height`: `[1, C, H/f, W/f]`.
+    /// Shape of the noise for an image of `width × height`: `[1, C, H/f, W/f]`.
     pub fn latent_shape(&self, width: usize, height: usize) -> [usize; 4] {
         let f = self.vae_scale_factor();
         [1, self.parts.unet.config().in_channels, height / f, width / f]
@@ -93,33 +114,86 @@ impl Pipeline {
 
     /// Generates one image from `noise` (standard normal, [`Self::latent_shape`]).
     /// `on_step` is called after every denoising step.
-    pub fn txt2img(&self, request: &Txt2Img, noise: &Tensor, on_step: &mut dyn FnMut(&StepProgress)) -> Result<RgbImage> {
-        let f = self.vae_scale_factor();
-        if request.width == 0 || request.height == 0 || !request.width.is_multiple_of(f) || !request.height.is_multiple_of(f) {
-            return Err(Error::InvalidArgument(format!(
-                "width and height must be positive multiples of {f}, got {}x{}",
-                request.width, request.height
-            )));
-        }
-        let shape = self.latent_shape(request.width, request.height);
-        if noise.dims() != shape {
-            return Err(Error::InvalidArgument(format!("noise has shape {:?}, expected {shape:?}", noise.dims())));
-        }
+    pub fn generate(&self, request: &Generation, noise: &Tensor, on_step: &mut dyn FnMut(&StepProgress)) -> Result<RgbImage> {
+        self.check(request, noise)?;
         let guided = request.guidance > 1.0;
 
         // 1. encode the prompt (and the negative prompt under guidance)
         let text = self.encode_prompt(request.prompt, request.negative_prompt, guided)?;
-        // 2. timesteps and sigmas
-        let schedule = self.parts.scheduler.schedule(request.steps)?;
-        // 3. initial latents: noise · init_noise_sigma
-        let latents = (noise.to_dtype(DType::F32)?.to_device(&self.device)? * f64::from(schedule.init_noise_sigma))?;
+        // 2. timesteps and sigmas, cut to the last int(steps · strength) for an input image
+        let mut schedule = self.parts.scheduler.schedule(request.steps)?;
+        if let Some(source) = &request.source {
+            schedule = schedule.from_strength(request.steps, source.strength)?;
+        }
+        // 3. start latents
+        let noise = noise.to_dtype(DType::F32)?.to_device(&self.device)?;
+        let start = self.start_latents(request.source.as_ref(), &noise, &schedule)?;
         // 4. size conditioning: (original size, crop top-left, target size)
         let (h, w) = (request.height as f32, request.width as f32);
         let time_ids = vec![[h, w, 0.0, 0.0, h, w]; if guided { 2 } else { 1 }];
         // 5. denoise
-        let latents = self.denoise(latents, &schedule, &text, &time_ids, request.guidance, on_step)?;
+        let latents = self.denoise(start, &schedule, &text, &time_ids, request.guidance, on_step)?;
         // 6. decode
         self.decode(&latents)
+    }
+
+    fn check(&self, request: &Generation, noise: &Tensor) -> Result<()> {
+        let f = self.vae_scale_factor();
+        let (width, height) = (request.width, request.height);
+        if width == 0 || height == 0 || !width.is_multiple_of(f) || !height.is_multiple_of(f) {
+            return Err(Error::InvalidArgument(format!("width and height must be positive multiples of {f}, got {width}x{height}")));
+        }
+        let shape = self.latent_shape(width, height);
+        if noise.dims() != shape {
+            return Err(Error::InvalidArgument(format!("noise has shape {:?}, expected {shape:?}", noise.dims())));
+        }
+        if let Some(source) = &request.source {
+            if (source.image.width, source.image.height) != (width, height) {
+                return Err(Error::InvalidArgument(format!(
+                    "the input image is {}x{}, the generation {width}x{height}",
+                    source.image.width, source.image.height
+                )));
+            }
+            if let Some(mask) = source.mask {
+                if (mask.width, mask.height) != (width, height) {
+                    return Err(Error::InvalidArgument(format!(
+                        "the mask is {}x{}, the generation {width}x{height}",
+                        mask.width, mask.height
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `prepare_latents` of the three pipelines.
+    fn start_latents(&self, source: Option<&Source>, noise: &Tensor, schedule: &Schedule) -> Result<Start> {
+        let Some(source) = source else {
+            // text to image: noise · init_noise_sigma
+            return Ok(Start { latents: (noise * f64::from(schedule.init_noise_sigma))?, inpaint: None });
+        };
+        let image_latents = self.encode_image(source.image)?;
+        let Some(mask) = source.mask else {
+            // img2img: add_noise(image_latents, noise, first timestep)
+            return Ok(Start { latents: schedule.add_noise(&image_latents, noise, 0)?, inpaint: None });
+        };
+        // inpainting: strength 1 starts from pure noise, otherwise from the noised image
+        let latents = if source.strength == 1.0 {
+            (noise * f64::from(schedule.init_noise_sigma))?
+        } else {
+            schedule.add_noise(&image_latents, noise, 0)?
+        };
+        // mask → latent grid with nearest-neighbour, as F.interpolate(mask, size=(h, w))
+        let (_, _, h, w) = image_latents.dims4()?;
+        let mask = mask.to_mask(&self.device)?.upsample_nearest2d(h, w)?;
+        Ok(Start { latents, inpaint: Some(Inpaint { image_latents, mask, noise: noise.clone() }) })
+    }
+
+    /// `scaling_factor · mean(encoder(image))`, `[1, L, H/f, W/f]`.
+    fn encode_image(&self, image: &RgbImage) -> Result<Tensor> {
+        let pixels = image.to_tensor(&self.device)?;
+        let mean = self.parts.vae.encode_mean(&pixels)?;
+        Ok((mean * self.parts.vae.config().scaling_factor)?)
     }
 
     /// `encode_prompt`: penultimate states of both encoders side by side, encoder 2's pooled
@@ -131,10 +205,9 @@ impl Pipeline {
             return Ok(positive);
         }
         let negative = match negative_prompt {
-            None if self.parts.force_zeros_for_empty_prompt => PromptEmbeddings {
-                context: positive.context.zeros_like()?,
-                pooled: positive.pooled.zeros_like()?,
-            },
+            None if self.parts.force_zeros_for_empty_prompt => {
+                PromptEmbeddings { context: positive.context.zeros_like()?, pooled: positive.pooled.zeros_like()? }
+            }
             other => self.encode_text(other.unwrap_or(""))?,
         };
         Ok(PromptEmbeddings {
@@ -158,14 +231,15 @@ impl Pipeline {
         let second = p.text_encoder_2.forward(&[ids_2])?;
         let pooled = second.pooled.ok_or_else(|| Error::InvalidArgument("text_encoder_2 has no projection".into()))?;
         // [1,L,C1] ++ [1,L,C2] -> [1,L,C1+C2]
-        let context = Tensor::cat(&[&first.penultimate.to_dtype(DType::F32)?, &second.penultimate.to_dtype(DType::F32)?], 2)?;
+        let context =
+            Tensor::cat(&[&first.penultimate.to_dtype(DType::F32)?, &second.penultimate.to_dtype(DType::F32)?], 2)?;
         Ok(PromptEmbeddings { context, pooled: pooled.to_dtype(DType::F32)? })
     }
 
-    /// The denoising loop from initial latents to final latents.
+    /// The denoising loop from start latents to final latents.
     fn denoise(
         &self,
-        mut latents: Tensor,
+        start: Start,
         schedule: &Schedule,
         text: &PromptEmbeddings,
         time_ids: &[[f32; 6]],
@@ -175,6 +249,7 @@ impl Pipeline {
         let guided = time_ids.len() == 2;
         let total = schedule.timesteps.len();
         let cond = Conditioning { context: &text.context, text_embeds: &text.pooled, time_ids };
+        let mut latents = start.latents;
         for (i, &t) in schedule.timesteps.iter().enumerate() {
             let input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let input = schedule.scale_model_input(&input, i)?;
@@ -186,32 +261,32 @@ impl Pipeline {
                 prediction = (&uncond + ((cond_pred - &uncond)? * guidance)?)?;
             }
             latents = schedule.step(&prediction, i, &latents)?;
+            if let Some(inpaint) = &start.inpaint {
+                latents = inpaint.keep_unmasked(&latents, schedule, i)?;
+            }
             on_step(&StepProgress { step: i + 1, total, latents: &latents });
         }
         Ok(latents)
     }
 
-    /// `latents / scaling_factor`, VAE decode, then `round(clamp(x/2 + 0.5, 0, 1) · 255)` with
-    /// ties to even, as diffusers' image processor and numpy compute it in f32.
+    /// `latents / scaling_factor`, VAE decode, then 8-bit RGB as diffusers rounds it.
     pub fn decode(&self, latents: &Tensor) -> Result<RgbImage> {
         let scaled = div_scalar(&latents.to_dtype(DType::F32)?, self.parts.vae.config().scaling_factor as f32)?;
-        let image = self.parts.vae.decode(&scaled)?;
-        to_rgb8(&image)
+        RgbImage::from_tensor(&self.parts.vae.decode(&scaled)?)
     }
 }
 
-/// `[1,3,H,W]` in [-1, 1] → interleaved 8-bit RGB.
-pub fn to_rgb8(image: &Tensor) -> Result<RgbImage> {
-    let (batch, channels, height, width) = image.dims4()?;
-    if batch != 1 || channels != 3 {
-        return Err(Error::InvalidArgument(format!("expected a [1,3,H,W] image, got {:?}", image.dims())));
+impl Inpaint {
+    /// After step `i`: outside the mask, the image latents noised to the next timestep (or
+    /// clean after the last step); inside, the denoised latents.
+    /// `latents = (1 - mask) · init_latents_proper + mask · latents`
+    fn keep_unmasked(&self, latents: &Tensor, schedule: &Schedule, i: usize) -> Result<Tensor> {
+        let proper = if i + 1 < schedule.timesteps.len() {
+            schedule.add_noise(&self.image_latents, &self.noise, i + 1)?
+        } else {
+            self.image_latents.clone()
+        };
+        let keep = (1.0 - &self.mask)?;
+        Ok((proper.broadcast_mul(&keep)? + self.mask.broadcast_mul(latents)?)?)
     }
-    // [1,3,H,W] -> [H,W,3]
-    let hwc = image.squeeze(0)?.permute((1, 2, 0))?.contiguous()?;
-    let values = hwc.flatten_all()?.to_vec1::<f32>()?;
-    let pixels = values
-        .into_iter()
-        .map(|x| ((x / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round_ties_even() as u8)
-        .collect();
-    Ok(RgbImage { width, height, pixels })
 }

@@ -194,6 +194,25 @@ impl EulerDiscrete {
 }
 
 impl Schedule {
+    /// `get_timesteps(steps, strength)` of the img2img and inpaint pipelines: only the last
+    /// `min(int(steps · strength), steps)` timesteps run (diffusers' `set_begin_index`);
+    /// `init_noise_sigma` stays that of the full schedule.
+    pub fn from_strength(mut self, steps: usize, strength: f64) -> Result<Self> {
+        if !(0.0..=1.0).contains(&strength) {
+            return Err(Error::InvalidArgument(format!("`strength` must be between 0 and 1, got {strength}")));
+        }
+        let run = ((steps as f64 * strength) as usize).min(steps);
+        if run < 1 {
+            return Err(Error::InvalidArgument(format!(
+                "`steps` × `strength` must give at least one step: int({steps} × {strength}) = 0"
+            )));
+        }
+        let start = steps - run;
+        self.timesteps.drain(..start);
+        self.sigmas.drain(..start);
+        Ok(self)
+    }
+
     /// `scale_model_input`: `sample / sqrt(σᵢ² + 1)`.
     pub fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor> {
         let sigma = self.sigmas[i];

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{assert_close, fixtures, golden, Tol, MODELS};
 use sdxl_models::clip::text_model::ClipTextModel;
 use sdxl_models::clip::tokenizer::ClipTokenizer;
-use sdxl_models::pipeline::{Components, Pipeline, Txt2Img};
+use sdxl_models::pipeline::{Components, Generation, Pipeline};
 use sdxl_models::scheduler::EulerDiscrete;
 use sdxl_models::unet::UNet;
 use sdxl_models::vae::Vae;
@@ -78,17 +78,18 @@ fn latents_after_each_step_match_diffusers() {
         let case = cases.iter().find(|c| c.latents.is_some()).expect("a traced case");
         let traced = golden(&format!("{model}/{}", case.latents.as_ref().unwrap()));
         let noise = golden(&format!("{model}/{}", case.noise))["noise"].clone();
-        let request = Txt2Img {
+        let request = Generation {
             prompt: &case.prompt,
             negative_prompt: case.negative_prompt.as_deref(),
             width: case.width,
             height: case.height,
             steps: case.steps,
             guidance: case.guidance,
+            source: None,
         };
         let mut seen = 0;
         pipeline
-            .txt2img(&request, &noise, &mut |progress| {
+            .generate(&request, &noise, &mut |progress| {
                 let i = progress.step - 1;
                 assert_close(&format!("{model} step {i}"), progress.latents, &traced[&format!("step_{i}")], LATENT_TOL);
                 seen += 1;

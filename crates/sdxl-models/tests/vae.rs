@@ -18,3 +18,13 @@ fn vae_decode_matches_diffusers() {
         assert_close(&format!("{model} decoded"), &decoded, &g["decoded"], TOL);
     }
 }
+
+#[test]
+fn vae_encoder_mean_matches_diffusers() {
+    for model in MODELS {
+        let vae = Vae::load(&fixtures().join(model).join("vae"), &Device::Cpu).expect("load vae");
+        let g = golden(&format!("{model}/vae.safetensors"));
+        let mean = vae.encode_mean(&g["enc_image"]).expect("encode");
+        assert_close(&format!("{model} encoder mean"), &mean, &g["enc_mean"], TOL);
+    }
+}

@@ -35,6 +35,30 @@ impl SpatialAttention {
     }
 }
 
+/// `UNetMidBlock2D` without a time embedding: ResNet, optional attention, ResNet.
+pub(super) struct MidBlock {
+    resnets: [ResnetBlock2D; 2],
+    attention: Option<SpatialAttention>,
+}
+
+impl MidBlock {
+    pub(super) fn new(vb: VarBuilder, channels: usize, groups: usize, add_attention: bool) -> candle_core::Result<Self> {
+        let cfg = ResnetConfig { in_channels: channels, out_channels: channels, temb_channels: None, groups, eps: EPS, output_scale_factor: 1.0 };
+        Ok(Self {
+            resnets: [ResnetBlock2D::new(vb.pp("resnets").pp(0), &cfg)?, ResnetBlock2D::new(vb.pp("resnets").pp(1), &cfg)?],
+            attention: add_attention.then(|| SpatialAttention::new(vb.pp("attentions").pp(0), channels, groups)).transpose()?,
+        })
+    }
+
+    pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut h = self.resnets[0].forward(x, None)?;
+        if let Some(attention) = &self.attention {
+            h = attention.forward(&h)?;
+        }
+        self.resnets[1].forward(&h, None)
+    }
+}
+
 struct UpDecoderBlock {
     resnets: Vec<ResnetBlock2D>,
     upsampler: Option<Upsample2D>,
@@ -42,8 +66,7 @@ struct UpDecoderBlock {
 
 pub struct Decoder {
     conv_in: Conv2d,
-    mid_resnets: [ResnetBlock2D; 2],
-    mid_attention: Option<SpatialAttention>,
+    mid_block: MidBlock,
     up_blocks: Vec<UpDecoderBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -55,7 +78,6 @@ impl Decoder {
         let resnet = |cin, cout| ResnetConfig { in_channels: cin, out_channels: cout, temb_channels: None, groups, eps: EPS, output_scale_factor: 1.0 };
         let reversed: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
         let top = reversed[0];
-        let mid = vb.pp("mid_block");
         let mut up_blocks = Vec::with_capacity(reversed.len());
         let mut prev = top;
         for (i, &out) in reversed.iter().enumerate() {
@@ -69,14 +91,7 @@ impl Decoder {
         }
         Ok(Self {
             conv_in: conv2d(cfg.latent_channels, top, 3, 1, 1, vb.pp("conv_in"))?,
-            mid_resnets: [
-                ResnetBlock2D::new(mid.pp("resnets").pp(0), &resnet(top, top))?,
-                ResnetBlock2D::new(mid.pp("resnets").pp(1), &resnet(top, top))?,
-            ],
-            mid_attention: cfg
-                .mid_block_add_attention
-                .then(|| SpatialAttention::new(mid.pp("attentions").pp(0), top, groups))
-                .transpose()?,
+            mid_block: MidBlock::new(vb.pp("mid_block"), top, groups, cfg.mid_block_add_attention)?,
             up_blocks,
             conv_norm_out: group_norm(groups, cfg.block_out_channels[0], EPS, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(cfg.block_out_channels[0], cfg.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
@@ -86,11 +101,7 @@ impl Decoder {
     /// `[B,L,h,w] -> [B,3,h·f,w·f]`
     pub fn forward(&self, z: &Tensor) -> candle_core::Result<Tensor> {
         let mut h = self.conv_in.forward(z)?;
-        h = self.mid_resnets[0].forward(&h, None)?;
-        if let Some(attention) = &self.mid_attention {
-            h = attention.forward(&h)?;
-        }
-        h = self.mid_resnets[1].forward(&h, None)?;
+        h = self.mid_block.forward(&h)?;
         for block in &self.up_blocks {
             for resnet in &block.resnets {
                 h = resnet.forward(&h, None)?;

@@ -1,9 +1,11 @@
-//! The SDXL VAE (diffusers' `AutoencoderKL`): the decoder turns latents into RGB in [-1, 1].
+//! The SDXL VAE (diffusers' `AutoencoderKL`): the encoder maps RGB in [-1, 1] to the latent
+//! distribution, whose mean we use; the decoder turns latents back into RGB.
 //!
-//! Shapes: latents `[B, latent_channels, h, w]` → image `[B, out_channels, h·f, w·f]` with
-//! `f = 2^(levels-1)`, the VAE scale factor. Decoding always runs in f32.
+//! Shapes: image `[B, in_channels, H, W]` ↔ latents `[B, latent_channels, H/f, W/f]` with
+//! `f = 2^(levels-1)`, the VAE scale factor. The VAE always runs in f32.
 
 pub mod decoder;
+pub mod encoder;
 
 use std::path::Path;
 
@@ -12,6 +14,7 @@ use candle_nn::Conv2d;
 use serde::Deserialize;
 
 use self::decoder::Decoder;
+use self::encoder::Encoder;
 use crate::config::read_json;
 use crate::nn::conv2d;
 use crate::weights::Checkpoint;
@@ -46,6 +49,8 @@ pub struct VaeConfig {
     #[serde(default = "silu")]
     pub act_fn: String,
     #[serde(default = "yes")]
+    pub use_quant_conv: bool,
+    #[serde(default = "yes")]
     pub use_post_quant_conv: bool,
     #[serde(default = "yes")]
     pub mid_block_add_attention: bool,
@@ -75,13 +80,15 @@ impl VaeConfig {
         if self.latents_mean.is_some() || self.latents_std.is_some() {
             return Err(Error::config(path, "`latents_mean`/`latents_std` are not supported"));
         }
-        for kind in &self.up_block_types {
-            if kind != "UpDecoderBlock2D" {
-                return Err(Error::config(path, format!("unsupported up block type {kind:?}")));
+        for (key, types, supported) in
+            [("up_block_types", &self.up_block_types, "UpDecoderBlock2D"), ("down_block_types", &self.down_block_types, "DownEncoderBlock2D")]
+        {
+            if let Some(kind) = types.iter().find(|k| *k != supported) {
+                return Err(Error::config(path, format!("unsupported entry {kind:?} in `{key}`")));
             }
-        }
-        if !self.up_block_types.is_empty() && self.up_block_types.len() != self.block_out_channels.len() {
-            return Err(Error::config(path, "`up_block_types` and `block_out_channels` differ in length"));
+            if !types.is_empty() && types.len() != self.block_out_channels.len() {
+                return Err(Error::config(path, format!("`{key}` and `block_out_channels` differ in length")));
+            }
         }
         if let Some(c) = self.block_out_channels.iter().find(|&&c| c % self.norm_num_groups != 0) {
             return Err(Error::config(path, format!("channel count {c} is not a multiple of `norm_num_groups` = {}", self.norm_num_groups)));
@@ -90,12 +97,11 @@ impl VaeConfig {
     }
 }
 
-/// Tensors of the encoder half, which txt2img does not load.
-const ENCODER_TENSORS: &[&str] = &["encoder.", "quant_conv."];
-
-/// The VAE's decoding half.
+/// The VAE: encoder for img2img and inpainting, decoder for every generation.
 pub struct Vae {
     config: VaeConfig,
+    encoder: Encoder,
+    quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
     decoder: Decoder,
 }
@@ -111,19 +117,33 @@ impl Vae {
         let build = || -> candle_core::Result<Self> {
             let l = config.latent_channels;
             Ok(Self {
+                encoder: Encoder::new(vb.pp("encoder"), &config)?,
+                quant_conv: config.use_quant_conv.then(|| conv2d(2 * l, 2 * l, 1, 1, 0, vb.pp("quant_conv"))).transpose()?,
                 post_quant_conv: config.use_post_quant_conv.then(|| conv2d(l, l, 1, 1, 0, vb.pp("post_quant_conv"))).transpose()?,
                 decoder: Decoder::new(vb.pp("decoder"), &config)?,
                 config: config.clone(),
             })
         };
         let vae = build().map_err(|e| checkpoint.error(e))?;
-        checkpoint.finish(ENCODER_TENSORS)?;
+        checkpoint.finish(&[])?;
         Ok(vae)
     }
 
     /// The parsed `config.json`.
     pub fn config(&self) -> &VaeConfig {
         &self.config
+    }
+
+    /// The mean of the latent distribution of `image` (`[B,3,H,W]` in [-1, 1]):
+    /// `[B, L, H/f, W/f]`, not yet multiplied by `scaling_factor`.
+    pub fn encode_mean(&self, image: &Tensor) -> Result<Tensor> {
+        let h = self.encoder.forward(&image.to_dtype(DType::F32)?)?;
+        let moments = match &self.quant_conv {
+            Some(conv) => conv.forward(&h)?,
+            None => h,
+        };
+        // DiagonalGaussianDistribution: mean, logvar = moments.chunk(2, dim=1)
+        Ok(moments.narrow(1, 0, self.config.latent_channels)?)
     }
 
     /// Decodes latents that are already divided by `scaling_factor`: `[B,L,h,w] -> [B,3,h·f,w·f]`.
