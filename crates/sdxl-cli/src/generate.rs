@@ -47,7 +47,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 4)]
     steps: usize,
     /// Classifier-free guidance scale (0-30); guidance runs only above 1. Lightning uses 0.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     guidance: f64,
     /// Seed of the initial noise, as torch.Generator("cpu").manual_seed(SEED); random if absent.
     #[arg(long, conflicts_with = "noise")]
@@ -63,7 +63,7 @@ pub struct GenerateArgs {
     image: Option<PathBuf>,
     /// How much of the schedule runs on the input image (0-1, default 1): the last
     /// int(steps x strength) steps.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     strength: Option<f64>,
     /// Inpainting mask (white = repaint, black = keep); needs --image.
     #[arg(long)]

@@ -21,7 +21,17 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version go to stdout unchanged
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            // Keep usage errors to one line, like every other error of the CLI.
+            let rendered = e.render().to_string();
+            eprintln!("{} (see --help)", rendered.lines().next().unwrap_or("error: invalid arguments"));
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
     };

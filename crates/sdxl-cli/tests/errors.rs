@@ -123,6 +123,10 @@ fn out_of_range_arguments_name_the_bound() {
     assert!(err.contains("`steps` must be between 1 and 100, got 101"), "{err}");
     let err = fails(&model, &[("--guidance", "nan")]);
     assert!(err.contains("`guidance` must be between 0 and 30"), "{err}");
+    let err = fails(&model, &[("--guidance", "-1")]);
+    assert!(err.contains("`guidance` must be between 0 and 30, got -1"), "{err}");
+    let err = fails(&model, &[("--width", "wide")]);
+    assert!(err.contains("invalid value 'wide' for '--width <WIDTH>'"), "{err}");
 }
 
 #[test]
@@ -146,4 +150,52 @@ fn noise_of_the_wrong_shape_is_named() {
 fn bf16_on_the_cpu_is_refused() {
     let err = fails(&fixture_model(), &[("--dtype", "bf16")]);
     assert!(err.contains("dtype bf16 is not supported on the CPU"), "{err}");
+}
+
+/// A PNG header declaring `side × side` RGB pixels, with no pixel data behind it.
+fn bomb_png(side: u32) -> Vec<u8> {
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &byte in data {
+            crc ^= u32::from(byte);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend(side.to_be_bytes());
+    ihdr.extend(side.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]);
+    let mut bytes = b"\x89PNG\r\n\x1a\n".to_vec();
+    bytes.extend(13u32.to_be_bytes());
+    bytes.extend(&ihdr);
+    bytes.extend(crc32(&ihdr).to_be_bytes());
+    bytes
+}
+
+#[test]
+fn input_image_errors_are_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture_model();
+    let not_an_image = dir.path().join("notes.png");
+    std::fs::write(&not_an_image, "these are not pixels").unwrap();
+    let bomb = dir.path().join("bomb.png");
+    std::fs::write(&bomb, bomb_png(100_000)).unwrap();
+    let real = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../sdxl-models/tests/fixtures/golden/tiny-sdxl/edit_input_64x64.png");
+    let (not_an_image, bomb, real) = (not_an_image.to_str().unwrap(), bomb.to_str().unwrap(), real.to_str().unwrap());
+
+    let err = fails(&model, &[("--image", not_an_image)]);
+    assert!(err.contains("`image` is not a PNG, JPEG or WebP image"), "{err}");
+    let err = fails(&model, &[("--image", bomb)]);
+    assert!(err.contains("`image` is larger than 8192x8192 pixels"), "{err}");
+    let err = fails(&model, &[("--image", real), ("--mask", bomb)]);
+    assert!(err.contains("`mask` is larger than 8192x8192 pixels"), "{err}");
+    let err = fails(&model, &[("--mask", real)]);
+    assert!(err.contains("`mask` requires `image`"), "{err}");
+    let err = fails(&model, &[("--image", real), ("--steps", "4"), ("--strength", "0.2")]);
+    assert!(err.contains("`strength` × `steps` must be at least 1 (int(4 × 0.2) = 0)"), "{err}");
+    let err = fails(&model, &[("--image", real), ("--strength", "-0.5")]);
+    assert!(err.contains("`strength` must be between 0 and 1"), "{err}");
 }
