@@ -4,6 +4,9 @@ Writes, under crates/sdxl-models/tests/fixtures/:
   tiny-sdxl/          an SDXL-shaped pipeline with random weights, float32 *.safetensors
   tiny-2level-fp16/   a differently shaped pipeline, float16 *.fp16.safetensors
   golden/             what diffusers/transformers/torch compute from them on the CPU in float32
+                      (text-to-image with StableDiffusionXLPipeline; img2img and inpainting with
+                      StableDiffusionXLImg2ImgPipeline / StableDiffusionXLInpaintPipeline, VAE mean
+                      instead of a sample)
 
 Every golden output comes from reloading a saved model directory, never from the in-memory
 objects that wrote it. Random numbers come from fixed seeds, so a rerun gives the same files.
@@ -19,6 +22,7 @@ import os
 # what `sdxl_models::noise::randn` reproduces, whichever machine made them. Must precede importing torch.
 os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
 
+import contextlib  # noqa: E402
 import gzip  # noqa: E402
 import importlib.metadata  # noqa: E402
 import importlib.util  # noqa: E402
@@ -29,9 +33,21 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as img2img_module  # noqa: E402
+from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_inpaint as inpaint_module  # noqa: E402
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
+from transformers.utils import logging as transformers_logging  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "crates" / "sdxl-models" / "tests" / "fixtures"
@@ -123,6 +139,36 @@ MODELS = {
                  prompt=LONG_PROMPT, negative_prompt="blurry"),
             dict(name="odd_latent_72x40_3steps", width=72, height=40, steps=3, guidance=0.0, seed=5),
         ],
+        # img2img / inpainting (golden_edits). sNN = strength 0.NN, s1 = strength 1.0. `input_size` (w, h):
+        # the input image (and mask) have that size instead of the output's. `trace`: edit_trace.safetensors.
+        edit_cases=[
+            dict(name="i2i_s05_g0_64x64_4steps", mode="img2img", width=64, height=64, steps=4, guidance=0.0,
+                 strength=0.5, seed=20, trace=True),
+            dict(name="i2i_s1_g0_64x48_2steps", mode="img2img", width=64, height=48, steps=2, guidance=0.0,
+                 strength=1.0, seed=21),
+            dict(name="i2i_s03_g5_neg_64x64_8steps", mode="img2img", width=64, height=64, steps=8, guidance=5.0,
+                 strength=0.3, seed=22, negative_prompt="blurry, low quality"),
+            dict(name="i2i_s075_g5_zeros_48x64_4steps", mode="img2img", width=48, height=64, steps=4, guidance=5.0,
+                 strength=0.75, seed=23),
+            dict(name="i2i_generator_s06_64x64_4steps", mode="img2img", width=64, height=64, steps=4, guidance=0.0,
+                 strength=0.6, seed=24, generator=True),
+            dict(name="i2i_resize_80x56_to_64x48_s05_4steps", mode="img2img", width=64, height=48, steps=4,
+                 guidance=0.0, strength=0.5, seed=25, input_size=(80, 56)),
+            dict(name="inp_s1_g0_64x64_4steps", mode="inpaint", width=64, height=64, steps=4, guidance=0.0,
+                 strength=1.0, seed=30),
+            dict(name="inp_s06_g0_64x64_4steps", mode="inpaint", width=64, height=64, steps=4, guidance=0.0,
+                 strength=0.6, seed=31, trace=True),
+            dict(name="inp_s05_g5_neg_64x48_3steps", mode="inpaint", width=64, height=48, steps=3, guidance=5.0,
+                 strength=0.5, seed=32, negative_prompt="blurry, low quality"),
+            dict(name="inp_generator_s1_64x64_4steps", mode="inpaint", width=64, height=64, steps=4, guidance=0.0,
+                 strength=1.0, seed=33, generator=True),
+            dict(name="inp_generator_s07_72x40_4steps", mode="inpaint", width=72, height=40, steps=4, guidance=0.0,
+                 strength=0.7, seed=34, generator=True),
+            dict(name="inp_rgb_mask_s08_64x64_4steps", mode="inpaint", width=64, height=64, steps=4, guidance=0.0,
+                 strength=0.8, seed=35, rgb_mask=True),
+            dict(name="inp_resize_44x64_to_64x48_s075_4steps", mode="inpaint", width=64, height=48, steps=4,
+                 guidance=0.0, strength=0.75, seed=36, input_size=(44, 64)),
+        ],
     ),
     "tiny-2level-fp16": dict(
         dtype=torch.float16,
@@ -160,6 +206,34 @@ MODELS = {
             dict(name="generator_32x48_2steps", width=32, height=48, steps=2, guidance=0.0, seed=12345, generator=True),
             dict(name="long_prompt_g5_32x32_2steps", width=32, height=32, steps=2, guidance=5.0, seed=3,
                  prompt=LONG_PROMPT, negative_prompt="blurry"),
+        ],
+        edit_cases=[
+            dict(name="i2i_s05_g0_32x32_4steps", mode="img2img", width=32, height=32, steps=4, guidance=0.0,
+                 strength=0.5, seed=20, trace=True),
+            dict(name="i2i_s1_g0_40x24_2steps", mode="img2img", width=40, height=24, steps=2, guidance=0.0,
+                 strength=1.0, seed=21),
+            dict(name="i2i_s03_g5_neg_32x32_8steps", mode="img2img", width=32, height=32, steps=8, guidance=5.0,
+                 strength=0.3, seed=22, negative_prompt="blurry, low quality"),
+            dict(name="i2i_s075_g5_zeros_24x40_4steps", mode="img2img", width=24, height=40, steps=4, guidance=5.0,
+                 strength=0.75, seed=23),
+            dict(name="i2i_generator_s06_32x32_4steps", mode="img2img", width=32, height=32, steps=4, guidance=0.0,
+                 strength=0.6, seed=24, generator=True),
+            dict(name="i2i_resize_44x30_to_32x24_s05_4steps", mode="img2img", width=32, height=24, steps=4,
+                 guidance=0.0, strength=0.5, seed=25, input_size=(44, 30)),
+            dict(name="inp_s1_g0_32x32_4steps", mode="inpaint", width=32, height=32, steps=4, guidance=0.0,
+                 strength=1.0, seed=30),
+            dict(name="inp_s06_g0_32x32_4steps", mode="inpaint", width=32, height=32, steps=4, guidance=0.0,
+                 strength=0.6, seed=31, trace=True),
+            dict(name="inp_s05_g5_neg_40x24_3steps", mode="inpaint", width=40, height=24, steps=3, guidance=5.0,
+                 strength=0.5, seed=32, negative_prompt="blurry, low quality"),
+            dict(name="inp_generator_s1_32x32_4steps", mode="inpaint", width=32, height=32, steps=4, guidance=0.0,
+                 strength=1.0, seed=33, generator=True),
+            dict(name="inp_generator_s07_24x40_4steps", mode="inpaint", width=24, height=40, steps=4, guidance=0.0,
+                 strength=0.7, seed=34, generator=True),
+            dict(name="inp_rgb_mask_s08_32x32_4steps", mode="inpaint", width=32, height=32, steps=4, guidance=0.0,
+                 strength=0.8, seed=35, rgb_mask=True),
+            dict(name="inp_resize_26x36_to_40x24_s075_4steps", mode="inpaint", width=40, height=24, steps=4,
+                 guidance=0.0, strength=0.75, seed=36, input_size=(26, 36)),
         ],
     ),
 }
@@ -639,6 +713,378 @@ def golden_cases(pipe, spec, out_dir):
 
 
 # ----------------------------------------------------------------------------------------------
+# img2img and inpainting goldens
+
+
+def edit_input_image(width, height):
+    """A deterministic picture: smooth colour gradients, a sun, a house with a roof, window and door, a tree,
+    grass and one thin line. Coordinates are fractions of the size, so every size shows the same scene."""
+    x = np.arange(width, dtype=np.float64)[None, :] / (width - 1)
+    y = np.arange(height, dtype=np.float64)[:, None] / (height - 1)
+    channels = [30 + 190 * x + 0 * y, 70 + 140 * y + 0 * x, 210 - 90 * x - 60 * y]
+    image = Image.fromarray(np.round(np.stack(channels, axis=-1)).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+
+    def at(fx, fy):
+        return (round(fx * width), round(fy * height))
+
+    cx, cy = at(0.76, 0.2)
+    r = round(0.12 * min(width, height))
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(250, 215, 70))
+    draw.rectangle([at(0.0, 0.88), at(1.0, 1.0)], fill=(70, 130, 60))
+    draw.rectangle([at(0.12, 0.52), at(0.46, 0.9)], fill=(170, 70, 55))
+    draw.polygon([at(0.08, 0.54), at(0.29, 0.28), at(0.5, 0.54)], fill=(95, 45, 35))
+    draw.rectangle([at(0.18, 0.62), at(0.28, 0.74)], fill=(235, 225, 150))
+    draw.rectangle([at(0.34, 0.66), at(0.42, 0.9)], fill=(70, 40, 30))
+    draw.rectangle([at(0.69, 0.6), at(0.73, 0.9)], fill=(90, 60, 35))
+    draw.ellipse([at(0.6, 0.42), at(0.82, 0.68)], fill=(40, 110, 50))
+    draw.line([at(0.52, 0.06), at(0.97, 0.58)], fill=(255, 255, 255), width=1)
+    return image
+
+
+# Colours of the RGB mask and the side of 128 their Pillow "L" value (ITU-R 601-2 luma:
+# L = (19595 R + 38470 G + 7471 B + 2^15) >> 16) falls on. The comments give what other conversions
+# would decide, which the colours are chosen to catch.
+RGB_MASK_COLOURS = {
+    "white": ((255, 255, 255), True),
+    "green": ((0, 200, 0), False),       # L 117: keep (Rec. 709 luma 143 and the channel mean 67 disagree)
+    "magenta": ((255, 50, 255), True),   # L 135: repaint (Rec. 709 luma 108: keep)
+    "pink": ((255, 0, 200), False),      # L 99: keep (channel mean 152, channel max 255: repaint)
+    "grey128": ((128, 128, 128), True),  # L 128: repaint (exactly at the threshold)
+    "olive": ((200, 200, 40), True),     # L 182: repaint
+}
+
+
+def edit_mask_image(width, height, rgb=False):
+    """White (255) = repaint, black = keep. Mode "L": a white ellipse over the house, a white corner triangle,
+    and grey blocks of 128 and 160 (repaint: >= 0.5 after /255) and 127 and 96 (keep). Mode "RGB": the same
+    layout in the colours of RGB_MASK_COLOURS, which Rec. 709 luma or a channel mean would sort differently."""
+    def at(fx, fy):
+        return (round(fx * width), round(fy * height))
+
+    if rgb:
+        for colour, repaint in RGB_MASK_COLOURS.values():
+            assert (Image.new("RGB", (1, 1), colour).convert("L").getpixel((0, 0)) >= 128) == repaint
+        c = {name: colour for name, (colour, _) in RGB_MASK_COLOURS.items()}
+        fills = [c["white"], c["olive"], c["grey128"], c["green"], c["magenta"], c["pink"]]
+        image = Image.new("RGB", (width, height), (0, 0, 0))
+    else:
+        fills = [255, 255, 128, 127, 160, 96]
+        image = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([at(0.06, 0.26), at(0.54, 0.96)], fill=fills[0])
+    draw.polygon([at(0.0, 0.0), at(0.34, 0.0), at(0.0, 0.24)], fill=fills[1])
+    draw.rectangle([at(0.58, 0.04), at(0.78, 0.44)], fill=fills[2])
+    draw.rectangle([at(0.8, 0.04), at(1.0, 0.44)], fill=fills[3])
+    draw.rectangle([at(0.58, 0.52), at(0.78, 0.86)], fill=fills[4])
+    draw.rectangle([at(0.8, 0.52), at(1.0, 0.86)], fill=fills[5])
+    return image
+
+
+def save_png(image, path):
+    image.save(path, format="PNG")
+    return path.name
+
+
+@contextlib.contextmanager
+def patch_attr(obj, name, value):
+    """Set obj.name = value for the duration (a module global, or an attribute of one instance)."""
+    had_own = name in vars(obj)
+    old = vars(obj)[name] if had_own else None
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        if had_own:
+            setattr(obj, name, old)
+        else:
+            delattr(obj, name)
+
+
+@contextlib.contextmanager
+def vae_mean_encoding(calls):
+    """Make both pipeline modules' retrieve_latents take the latent distribution's mean (mode), never a
+    sample, so the generator only feeds the noise draw. Records each result in `calls`."""
+    original = img2img_module.retrieve_latents
+    assert inpaint_module.retrieve_latents.__code__.co_code == original.__code__.co_code
+
+    def retrieve_mean(encoder_output, generator=None, sample_mode="sample"):
+        latents = original(encoder_output, generator, sample_mode="argmax")
+        assert torch.equal(latents, encoder_output.latent_dist.mean)
+        calls.append(latents)
+        return latents
+
+    with contextlib.ExitStack() as stack:
+        for module in (img2img_module, inpaint_module):
+            stack.enter_context(patch_attr(module, "retrieve_latents", retrieve_mean))
+        yield
+
+
+def record_randn(module, calls, fixed=None):
+    """Replace module.randn_tensor: with `fixed`, return that tensor (asserting the shape and that no
+    generator is passed); without, pass through to diffusers' randn_tensor. Records each draw in `calls`."""
+    original = module.randn_tensor
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
+        if fixed is not None:
+            assert generator is None, "a noise-file case must not get a generator"
+            assert tuple(shape) == tuple(fixed.shape), f"randn_tensor asked for {tuple(shape)}, not {tuple(fixed.shape)}"
+            out = fixed.clone().to(dtype=dtype)
+        else:
+            out = original(shape, generator=generator, device=device, dtype=dtype, layout=layout)
+        calls.append(out.clone())
+        return out
+
+    return patch_attr(module, "randn_tensor", randn_tensor)
+
+
+def record_calls(obj, name, calls):
+    """Wrap the bound method obj.name so that every call's (args, kwargs, result) lands in `calls`."""
+    method = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        result = method(*args, **kwargs)
+        calls.append((args, kwargs, result))
+        return result
+
+    return patch_attr(obj, name, wrapper)
+
+
+def load_edit_pipelines(directory, spec):
+    pipes = {}
+    for mode, cls in [("img2img", StableDiffusionXLImg2ImgPipeline), ("inpaint", StableDiffusionXLInpaintPipeline)]:
+        pipe = cls.from_pretrained(directory, dtype=torch.float32, add_watermarker=False, variant=spec["variant"])
+        pipe.set_progress_bar_config(disable=True)
+        # No aesthetic score: time_ids are the plain 6-vector (orig_h, orig_w, 0, 0, target_h, target_w).
+        assert pipe.config.requires_aesthetics_score is False
+        assert pipe.watermark is None
+        assert pipe.unet.config.in_channels == 4  # the 4-channel path: blend with the image latents each step
+        pipes[mode] = pipe
+    return pipes
+
+
+def pixels_to_tensor(image):
+    """A PIL image as diffusers' VaeImageProcessor feeds it to the encoder: [1, C, H, W], x/255·2 − 1."""
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
+
+
+@torch.no_grad()
+def run_edit_case(pipes, case, inputs, noise):
+    """One pipeline run with every intermediate recorded. Returns (PIL output, captured dict)."""
+    mode = case["mode"]
+    pipe = pipes[mode]
+    module = img2img_module if mode == "img2img" else inpaint_module
+    generator = case.get("generator", False)
+    seen = {"retrieve": [], "randn": [], "encode": [], "prepare_latents": [], "add_noise": [], "mask": [],
+            "steps": [], "timesteps": [], "time_ids": [], "callback_mask": []}
+
+    def on_step_end(_pipe, i, t, kwargs):
+        assert i == len(seen["steps"])
+        seen["steps"].append(kwargs["latents"].clone())
+        seen["timesteps"].append(float(t))
+        seen["time_ids"].append(kwargs["add_time_ids"].clone())
+        if "mask" in kwargs:
+            seen["callback_mask"].append(kwargs["mask"].clone())
+        return {}
+
+    args = dict(
+        prompt=case.get("prompt", CAT), negative_prompt=case.get("negative_prompt"), image=inputs["pipeline_image"],
+        strength=case["strength"], num_inference_steps=case["steps"], guidance_scale=case["guidance"],
+        output_type="pil", callback_on_step_end=on_step_end,
+        callback_on_step_end_tensor_inputs=["latents", "add_time_ids"] + (["mask"] if mode == "inpaint" else []),
+    )
+    if mode == "inpaint":
+        args.update(mask_image=inputs["pipeline_mask"], height=case["height"], width=case["width"])
+    if generator:
+        args["generator"] = torch.Generator("cpu").manual_seed(case["seed"])
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(vae_mean_encoding(seen["retrieve"]))
+        stack.enter_context(record_randn(module, seen["randn"], fixed=None if generator else noise))
+        stack.enter_context(record_calls(pipe.vae, "encode", seen["encode"]))
+        stack.enter_context(record_calls(pipe, "prepare_latents", seen["prepare_latents"]))
+        stack.enter_context(record_calls(pipe.scheduler, "add_noise", seen["add_noise"]))
+        if mode == "inpaint":
+            stack.enter_context(record_calls(pipe, "prepare_mask_latents", seen["mask"]))
+        image = pipe(**args).images[0]
+
+    # The noise: drawn exactly once, of the latent shape, and (generator cases) equal to the noise file.
+    assert len(seen["randn"]) == 1, f"{case['name']}: randn_tensor called {len(seen['randn'])} times"
+    assert torch.equal(seen["randn"][0], noise), f"{case['name']}: the pipeline's noise is not the noise file"
+    return image, seen
+
+
+def edit_case_inputs(case, out_dir):
+    """Write the case's input PNGs (shared between cases of the same size) and build what the pipeline gets."""
+    width, height = case["width"], case["height"]
+    in_w, in_h = case.get("input_size", (width, height))
+    image = edit_input_image(in_w, in_h)
+    image_file = save_png(image, out_dir / f"edit_input_{in_w}x{in_h}.png")
+    inputs = {"image": image_file, "mask": None, "resized_image": None, "resized_mask": None,
+              "resize": None if (in_w, in_h) == (width, height) else "PIL LANCZOS"}
+    if case["mode"] == "img2img":
+        if inputs["resize"]:
+            # The img2img pipeline takes no height/width (it would keep the input's size, rounded down to a
+            # multiple of the VAE factor), so the reference resizes first, as the Rust side does.
+            image = image.resize((width, height), Image.LANCZOS)
+            inputs["resized_image"] = save_png(image, out_dir / f"{case['name']}.input_resized.png")
+        inputs["pipeline_image"] = image
+        return inputs
+
+    rgb = case.get("rgb_mask", False)
+    mask = edit_mask_image(in_w, in_h, rgb=rgb)
+    inputs["mask"] = save_png(mask, out_dir / f"edit_mask{'_rgb' if rgb else ''}_{in_w}x{in_h}.png")
+    inputs["pipeline_image"], inputs["pipeline_mask"] = image, mask
+    if inputs["resize"]:
+        # What the inpaint pipeline does inside (VaeImageProcessor.resize: Lanczos, reducing_gap None),
+        # saved so a resize mismatch can be told from a pipeline mismatch. Checked against the run below.
+        inputs["resized_image"] = save_png(image.resize((width, height), Image.LANCZOS, reducing_gap=None),
+                                           out_dir / f"{case['name']}.input_resized.png")
+        inputs["resized_mask"] = save_png(mask.resize((width, height), Image.LANCZOS, reducing_gap=None),
+                                          out_dir / f"{case['name']}.mask_resized.png")
+    return inputs
+
+
+@torch.no_grad()
+def decode_to_pil(pipe, latents):
+    decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return pipe.image_processor.postprocess(decoded, output_type="pil")[0]
+
+
+@contextlib.contextmanager
+def quiet_diffusers():
+    """Silence diffusers' loading bars and its "should be kept in float32" notes (the pipelines call
+    vae.to(float32) on a VAE that is float32 already)."""
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.enable_progress_bar()
+        diffusers_logging.enable_progress_bar()
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def golden_edits(directory, spec, out_dir):
+    """img2img and inpainting runs of golden/<model>/edit_cases.json, and edit_trace.safetensors."""
+    with quiet_diffusers():
+        edit_goldens(directory, spec, out_dir)
+
+
+def edit_goldens(directory, spec, out_dir):
+    pipes = load_edit_pipelines(directory, spec)
+    factor = vae_scale_factor(pipes["img2img"])
+    scaling = pipes["img2img"].vae.config.scaling_factor
+    records, trace = [], {}
+    for case in spec["edit_cases"]:
+        name, mode, width, height = case["name"], case["mode"], case["width"], case["height"]
+        pipe = pipes[mode]
+        shape = [1, pipe.vae.config.latent_channels, height // factor, width // factor]
+        noise = randn(shape, case["seed"])
+        save_tensors({"noise": noise}, out_dir / f"{name}.noise.safetensors")
+        inputs = edit_case_inputs(case, out_dir)
+        image, seen = run_edit_case(pipes, case, inputs, noise)
+        assert image.size == (width, height)
+        image.save(out_dir / f"{name}.png")
+
+        # What went into the encoder, and the image latents (scaling_factor · mean).
+        encoded = seen["encode"][0][0][0]
+        assert torch.equal(encoded, pixels_to_tensor(inputs["pipeline_image"].resize((width, height), Image.LANCZOS)))
+        assert len(seen["encode"]) == (1 if mode == "img2img" else 2)  # inpaint also encodes the masked image
+        image_latents = scaling * seen["retrieve"][0]
+        prepared = seen["prepare_latents"][0][2]
+        start = prepared if mode == "img2img" else prepared[0]
+        if mode == "inpaint":
+            assert torch.equal(prepared[2], image_latents) and torch.equal(prepared[1], noise)
+
+        # Timesteps and the noise level of the start latents.
+        scheduler = pipe.scheduler
+        begin = scheduler.begin_index
+        timesteps_run = seen["timesteps"]
+        assert timesteps_run == floats(scheduler.timesteps[begin:])
+        assert len(timesteps_run) == min(int(case["steps"] * case["strength"]), case["steps"])
+        from_pure_noise = mode == "inpaint" and case["strength"] == 1.0
+        if from_pure_noise:
+            assert torch.equal(start, noise * scheduler.init_noise_sigma)
+            start_sigma = None
+        else:
+            start_sigma = float(scheduler.sigmas[begin])
+            assert torch.equal(seen["add_noise"][0][2], image_latents + noise * scheduler.sigmas[begin])
+            assert torch.equal(start, seen["add_noise"][0][2])
+
+        # time_ids: the generation size from the latent grid, no crop, no aesthetic score; negative row equal.
+        time_ids = seen["time_ids"][0]
+        assert time_ids.shape[-1] == 6 and all(torch.equal(row, time_ids[-1]) for row in time_ids)
+        assert floats(time_ids[-1]) == [height, width, 0, 0, height, width]
+
+        record = {
+            "name": name, "mode": mode, "prompt": case.get("prompt", CAT),
+            "negative_prompt": case.get("negative_prompt"), "width": width, "height": height,
+            "steps": case["steps"], "guidance": case["guidance"], "strength": case["strength"], "seed": case["seed"],
+            "noise_from": "generator" if case.get("generator") else "patched", "noise": f"{name}.noise.safetensors",
+            "image": inputs["image"], "mask": inputs["mask"], "png": f"{name}.png", "timesteps": timesteps_run,
+            "resize": inputs["resize"],
+            "begin_index": begin, "start_sigma": start_sigma, "init_noise_sigma": float(scheduler.init_noise_sigma),
+            "time_ids": floats(time_ids[-1]),
+        }
+        if inputs["resize"]:
+            record["resized_image"] = inputs["resized_image"]
+            if mode == "inpaint":
+                record["resized_mask"] = inputs["resized_mask"]
+        record.update(check_image(image, name))
+
+        if mode == "inpaint":
+            pixel_mask = seen["mask"][0][0][0]  # processed (resized, grey, binarised) mask at full resolution
+            latent_mask = seen["mask"][0][2][0][:1]
+            assert set(pixel_mask.unique().tolist()) <= {0.0, 1.0}
+            assert all(torch.equal(m[:1], latent_mask) for m in seen["callback_mask"])
+            # The processed mask is the (resized) PNG's luma >= 128; the latent mask samples it at (f·i, f·j).
+            mask_png = Image.open(out_dir / (inputs["resized_mask"] or inputs["mask"]))
+            luma = np.asarray(mask_png.convert("L"), dtype=np.uint8)
+            assert np.array_equal(pixel_mask[0, 0].numpy(), (luma >= 128).astype(np.float32))
+            assert torch.equal(latent_mask[0, 0], pixel_mask[0, 0, ::factor, ::factor])
+            if not inputs["resize"]:
+                sampled = set(luma[::factor, ::factor].flatten().tolist())
+                pillow_luma = [(r * 19595 + g * 38470 + b * 7471 + 2**15) >> 16
+                               for (r, g, b), _ in RGB_MASK_COLOURS.values()]
+                wanted = set(pillow_luma) if case.get("rgb_mask") else {0, 96, 127, 128, 160, 255}
+                assert wanted <= sampled, f"{name}: latent grid misses mask levels {wanted - sampled}"
+            keep = latent_mask[0, 0] == 0
+            final = seen["steps"][-1]
+            # After the last step the kept area is the clean image latents, bit for bit (no re-noising).
+            assert torch.equal(final[0][:, keep], image_latents[0][:, keep])
+            assert not torch.equal(final[0][:, ~keep], image_latents[0][:, ~keep])
+            # In pixels: the kept area stays near a decode of the image latents, the repainted area moves away.
+            reference = np.asarray(decode_to_pil(pipe, image_latents), dtype=np.float64)
+            out = np.asarray(image, dtype=np.float64)
+            keep_px = np.kron(keep.numpy(), np.ones((factor, factor), dtype=bool))
+            diff = np.abs(out - reference).mean(axis=-1)
+            kept_mad, repaint_mad = float(diff[keep_px].mean()), float(diff[~keep_px].mean())
+            # The tiny random VAE decoders are far from local (mid-block self-attention, a receptive field as
+            # large as the latent grid), so the kept area moves too: only the ordering is checked here.
+            assert kept_mad < repaint_mad, f"{name}: kept area moved more ({kept_mad:.1f} vs {repaint_mad:.1f})"
+            record.update({"repaint_fraction": round(float((~keep).float().mean()), 4),
+                           "kept_mad_vs_input_decode": round(kept_mad, 2),
+                           "repaint_mad_vs_input_decode": round(repaint_mad, 2)})
+        records.append(record)
+
+        if case.get("trace"):
+            trace[f"{name}_image"] = encoded
+            trace[f"{name}_image_latents"] = image_latents
+            if mode == "inpaint":
+                trace[f"{name}_mask"] = latent_mask
+            trace[f"{name}_start"] = start
+            for i, latents in enumerate(seen["steps"]):
+                trace[f"{name}_step_{i}"] = latents
+    assert sorted({r["mode"] for r in records if r["name"] + "_start" in trace}) == ["img2img", "inpaint"]
+    save_tensors(trace, out_dir / "edit_trace.safetensors")
+    write_json(records, out_dir / "edit_cases.json")
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def main():
@@ -664,6 +1110,7 @@ def main():
         golden_unet(pipe, out_dir)
         golden_vae(pipe, spec, out_dir)
         golden_cases(pipe, spec, out_dir)
+        golden_edits(directory, spec, out_dir)
     write_json(library_versions(), GOLDEN / "versions.json")
     print(f"fixtures written to {FIXTURES.relative_to(ROOT)}")
 

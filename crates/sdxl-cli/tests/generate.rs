@@ -153,10 +153,11 @@ struct EditCase {
     resize: Option<String>,
 }
 
-/// When the input must be resized, our Lanczos-3 and PIL's differ in the last bit of some
-/// input pixels (PIL filters in fixed point); the model then carries that difference through.
-const RESIZED_MAX_ABS: u8 = 12;
-const RESIZED_MEAN_ABS: f64 = 1.0;
+/// When the input must be resized, our Lanczos-3 (the `image` crate, f32) and PIL's (fixed
+/// point) differ by one level in some input pixels, and the model carries that through.
+/// Measured: at most max 2, mean 0.145 over the fixtures' resize cases; the bound is twice that.
+const RESIZED_MAX_ABS: u8 = 4;
+const RESIZED_MEAN_ABS: f64 = 0.3;
 
 fn edit_cases(model: &str) -> Vec<EditCase> {
     let path = fixtures().join("golden").join(model).join("edit_cases.json");

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use sdxl_models::pipeline::{Generation, Pipeline, Source, StepProgress};
 use sdxl_models::pixels::RgbImage;
 
-use crate::images::{resize_mask, resize_rgb};
+use crate::images::{resize_rgb, to_gray};
 use crate::request::{GenerateRequest, NoiseSource};
 use crate::{Error, Result};
 
@@ -53,7 +53,7 @@ pub fn generate(pipeline: &Pipeline, request: &GenerateRequest, on_step: &mut dy
     let resized = match &request.source {
         Some(source) => Some((
             resize_rgb(&source.image, width, height)?,
-            source.mask.as_ref().map(|m| resize_mask(m, width, height)).transpose()?,
+            source.mask.as_ref().map(|m| resize_rgb(m, width, height).map(|m| to_gray(&m))).transpose()?,
         )),
         None => None,
     };

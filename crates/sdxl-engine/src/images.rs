@@ -1,5 +1,5 @@
-//! Input images: decoding PNG, JPEG and WebP bytes within limits, conversion to RGB and to
-//! a grayscale mask as PIL converts them, and Lanczos resizing to the generation size.
+//! Input images: decoding PNG, JPEG and WebP bytes within limits, conversion to RGB and of
+//! masks to gray as PIL converts them, and Lanczos resizing to the generation size.
 
 use std::io::Cursor;
 
@@ -44,17 +44,12 @@ pub fn decode_rgb(bytes: &[u8], field: &str) -> Result<RgbImage> {
     Ok(RgbImage { width, height, pixels: rgb.into_raw() })
 }
 
-/// Decodes a mask to 8-bit gray as PIL's `convert("L")` does (ITU-R 601-2 luma in 16-bit
-/// fixed point), so a colour mask binarises exactly as diffusers binarises it.
-pub fn decode_mask(bytes: &[u8], field: &str) -> Result<GrayImage> {
-    let image = decode(bytes, field)?;
-    let (width, height) = (image.width() as usize, image.height() as usize);
-    let pixels = match image {
-        DynamicImage::ImageLuma8(gray) => gray.into_raw(),
-        DynamicImage::ImageLumaA8(gray) => gray.pixels().map(|p| p.0[0]).collect(),
-        other => other.to_rgb8().pixels().map(|p| pil_luma(p.0)).collect(),
-    };
-    Ok(GrayImage { width, height, pixels })
+/// A mask in gray, as PIL's `convert("L")` computes it (ITU-R 601-2 luma in 16-bit fixed
+/// point), so a colour mask binarises exactly as diffusers binarises it. diffusers resizes a
+/// mask in its own mode and converts it afterwards, so call this after [`resize_rgb`].
+pub fn to_gray(mask: &RgbImage) -> GrayImage {
+    let pixels = mask.pixels.chunks_exact(3).map(|p| pil_luma([p[0], p[1], p[2]])).collect();
+    GrayImage { width: mask.width, height: mask.height, pixels }
 }
 
 /// PIL's `L24`: `(R·19595 + G·38470 + B·7471 + 0x8000) >> 16`.
@@ -71,17 +66,6 @@ pub fn resize_rgb(image: &RgbImage, width: usize, height: usize) -> Result<RgbIm
         .ok_or_else(|| Error::InvalidRequest("image buffer does not match its size".into()))?;
     let resized = image::imageops::resize(&buffer, width as u32, height as u32, FilterType::Lanczos3);
     Ok(RgbImage { width, height, pixels: resized.into_raw() })
-}
-
-/// [`resize_rgb`] for masks.
-pub fn resize_mask(mask: &GrayImage, width: usize, height: usize) -> Result<GrayImage> {
-    if (mask.width, mask.height) == (width, height) {
-        return Ok(mask.clone());
-    }
-    let buffer = image::GrayImage::from_raw(mask.width as u32, mask.height as u32, mask.pixels.clone())
-        .ok_or_else(|| Error::InvalidRequest("mask buffer does not match its size".into()))?;
-    let resized = image::imageops::resize(&buffer, width as u32, height as u32, FilterType::Lanczos3);
-    Ok(GrayImage { width, height, pixels: resized.into_raw() })
 }
 
 #[cfg(test)]
@@ -102,6 +86,12 @@ mod tests {
         assert_eq!(pil_luma([0, 255, 0]), 150);
         assert_eq!(pil_luma([0, 0, 255]), 29);
         assert_eq!(pil_luma([128, 128, 128]), 128);
+    }
+
+    #[test]
+    fn gray_keeps_gray_values() {
+        let mask = RgbImage { width: 2, height: 1, pixels: vec![127, 127, 127, 200, 0, 0] };
+        assert_eq!(to_gray(&mask).pixels, vec![127, 60]);
     }
 
     #[test]

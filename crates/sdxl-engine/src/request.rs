@@ -3,9 +3,9 @@
 
 use std::path::PathBuf;
 
-use sdxl_models::pixels::{GrayImage, RgbImage};
+use sdxl_models::pixels::RgbImage;
 
-use crate::images::{decode_mask, decode_rgb};
+use crate::images::decode_rgb;
 use crate::{Error, Result};
 
 /// Where the initial noise comes from.
@@ -57,7 +57,8 @@ pub struct RawRequest {
 pub struct SourceImage {
     pub image: RgbImage,
     pub strength: f64,
-    pub mask: Option<GrayImage>,
+    /// The mask as decoded (colour kept: diffusers converts it to gray after resizing).
+    pub mask: Option<RgbImage>,
 }
 
 /// A request whose every field is within [`Limits`].
@@ -138,7 +139,7 @@ fn parse_source(raw: &RawRequest) -> Result<Option<SourceImage>> {
         )));
     }
     let image = decode_rgb(image_bytes, "image")?;
-    let mask = raw.mask.as_deref().map(|bytes| decode_mask(bytes, "mask")).transpose()?;
+    let mask = raw.mask.as_deref().map(|bytes| decode_rgb(bytes, "mask")).transpose()?;
     Ok(Some(SourceImage { image, strength, mask }))
 }
 
