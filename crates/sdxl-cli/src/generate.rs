@@ -80,7 +80,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let noise = match (&args.noise, args.seed) {
         (Some(path), _) => NoiseSource::File(path.clone()),
         (None, Some(seed)) => NoiseSource::Seed(seed),
-        (None, None) => NoiseSource::Seed(rand_seed()),
+        (None, None) => NoiseSource::Seed(sdxl_engine::request::random_seed()),
     };
     let request = GenerateRequest::parse(
         RawRequest {
@@ -107,6 +107,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 eprintln!();
             }
         }
+        std::ops::ControlFlow::Continue(())
     })?;
     let png = sdxl_engine::png::encode(&image)?;
     std::fs::write(&args.output, png).with_context(|| format!("cannot write {}", args.output.display()))?;
@@ -118,10 +119,4 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 
 fn read_input(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
-}
-
-/// A seed from the clock and the process id, for runs without --seed.
-fn rand_seed() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    RandomState::new().hash_one(std::time::SystemTime::now())
 }

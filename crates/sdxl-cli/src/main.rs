@@ -1,6 +1,7 @@
 //! `sdxl`: the command-line front end.
 
 mod generate;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -18,6 +19,8 @@ struct Cli {
 enum Command {
     /// Generate one image and write it as a PNG.
     Generate(generate::GenerateArgs),
+    /// Serve the Workers AI-compatible HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,10 +14,37 @@ pub enum Error {
     File { path: std::path::PathBuf, message: String },
     /// The model library failed.
     #[error(transparent)]
-    Models(#[from] sdxl_models::Error),
+    Models(sdxl_models::Error),
     /// Writing the output image failed.
     #[error("cannot encode the image: {0}")]
     Encode(String),
+    /// The queue already holds as many waiting jobs as it may; try again later.
+    #[error("the queue is full")]
+    QueueFull,
+    /// The queue has stopped accepting jobs; a job still waiting at shutdown gets this too.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// The job's deadline passed while it waited or between two denoising steps.
+    #[error("request timed out")]
+    Timeout,
+    /// The job was stopped because its requester went away (or the step callback said so).
+    #[error("request cancelled")]
+    Cancelled,
+    /// A bug: the backend panicked or the worker vanished. The text is for the log, not for
+    /// a client.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<sdxl_models::Error> for Error {
+    /// The pipeline's own cancellation becomes [`Error::Cancelled`]; everything else is a
+    /// model failure.
+    fn from(e: sdxl_models::Error) -> Self {
+        match e {
+            sdxl_models::Error::Cancelled => Error::Cancelled,
+            other => Error::Models(other),
+        }
+    }
 }
 
 /// The engine's result type.

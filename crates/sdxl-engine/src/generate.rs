@@ -1,6 +1,7 @@
 //! Running a validated request: noise for the (padded) latent grid, the pipeline, and the
 //! crop back to the size asked for.
 
+use std::ops::ControlFlow;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -45,8 +46,13 @@ fn read_noise(path: &Path, shape: &[usize; 4]) -> Result<Tensor> {
     Ok(noise.clone())
 }
 
-/// Generates the image for `request`, exactly `width × height`.
-pub fn generate(pipeline: &Pipeline, request: &GenerateRequest, on_step: &mut dyn FnMut(&StepProgress)) -> Result<RgbImage> {
+/// Generates the image for `request`, exactly `width × height`. `on_step` runs after every
+/// denoising step; answering [`ControlFlow::Break`] stops the run with [`Error::Cancelled`].
+pub fn generate(
+    pipeline: &Pipeline,
+    request: &GenerateRequest,
+    on_step: &mut dyn FnMut(&StepProgress) -> ControlFlow<()>,
+) -> Result<RgbImage> {
     let noise = initial_noise(pipeline, request)?;
     let (width, height) = padded_size(pipeline, request.width, request.height);
     // The input image and mask are resized to the generation size (a no-op when they match).

@@ -1,12 +1,16 @@
 //! The engine between front ends (CLI, HTTP) and the model library: loading a model
-//! directory, validating requests into [`GenerateRequest`], noise, PNG encoding.
+//! directory, validating requests into [`GenerateRequest`], noise, PNG encoding, and the
+//! job [`Queue`] whose worker thread owns the model.
 
 pub mod error;
 pub mod generate;
 pub mod images;
+pub mod metric_names;
 pub mod model;
 pub mod png;
+pub mod queue;
 pub mod request;
 
 pub use error::{Error, Result};
+pub use queue::{Backend, Completed, PipelineBackend, Queue, QueueConfig, Ticket};
 pub use request::{GenerateRequest, Limits, NoiseSource, RawRequest};

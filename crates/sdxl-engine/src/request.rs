@@ -26,11 +26,19 @@ pub struct Limits {
     pub max_side: usize,
     pub max_steps: usize,
     pub max_guidance: f64,
+    /// What the front end calls the step count in messages (`steps`, `num_steps`).
+    pub steps_field: &'static str,
 }
 
 impl Limits {
     /// `sdxl generate`: any size from 8 to 4096 pixels, 1 to 100 steps.
-    pub const CLI: Limits = Limits { default_side: 1024, min_side: 8, max_side: 4096, max_steps: 100, max_guidance: 30.0 };
+    pub const CLI: Limits = Limits { default_side: 1024, min_side: 8, max_side: 4096, max_steps: 100, max_guidance: 30.0, steps_field: "steps" };
+}
+
+/// A seed for requests that give none, from the process's random hasher keys and the clock.
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
 }
 
 /// The fields of a request as a front end received them.
@@ -79,8 +87,8 @@ impl GenerateRequest {
     pub fn parse(raw: RawRequest, limits: &Limits) -> Result<Self> {
         if !(1..=limits.max_steps).contains(&raw.steps) {
             return Err(Error::InvalidRequest(format!(
-                "`steps` must be between 1 and {}, got {}",
-                limits.max_steps, raw.steps
+                "`{}` must be between 1 and {}, got {}",
+                limits.steps_field, limits.max_steps, raw.steps
             )));
         }
         if !raw.guidance.is_finite() || !(0.0..=limits.max_guidance).contains(&raw.guidance) {
@@ -89,7 +97,7 @@ impl GenerateRequest {
                 limits.max_guidance, raw.guidance
             )));
         }
-        let source = parse_source(&raw)?;
+        let source = parse_source(&raw, limits.steps_field)?;
         // Sizes default to the input image's, clamped into range, else to the default.
         let default_size = |image_side: Option<usize>| {
             image_side.map_or(limits.default_side, |s| s.clamp(limits.min_side, limits.max_side))
@@ -120,7 +128,7 @@ impl GenerateRequest {
 }
 
 /// Decodes the input image and mask and checks the strength against the step count.
-fn parse_source(raw: &RawRequest) -> Result<Option<SourceImage>> {
+fn parse_source(raw: &RawRequest, steps_field: &str) -> Result<Option<SourceImage>> {
     let Some(image_bytes) = &raw.image else {
         if raw.mask.is_some() {
             return Err(Error::InvalidRequest("`mask` requires `image`".into()));
@@ -134,7 +142,7 @@ fn parse_source(raw: &RawRequest) -> Result<Option<SourceImage>> {
     // diffusers runs the last min(int(steps · strength), steps) timesteps
     if ((raw.steps as f64) * strength) as usize == 0 {
         return Err(Error::InvalidRequest(format!(
-            "`strength` × `steps` must be at least 1 (int({} × {strength}) = 0)",
+            "`strength` × `{steps_field}` must be at least 1 (int({} × {strength}) = 0)",
             raw.steps
         )));
     }

@@ -26,6 +26,9 @@ pub enum Error {
     /// An argument is out of range.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The caller's step callback asked the run to stop.
+    #[error("generation cancelled")]
+    Cancelled,
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(candle_core::Error),

@@ -7,6 +7,8 @@
 //! [`Pipeline::latent_shape`]): the start latents in text-to-image, the noise added to the
 //! image latents in img2img and inpainting. The same noise always gives the same pixels.
 
+use std::ops::ControlFlow;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::clip::text_model::ClipTextModel;
@@ -113,8 +115,14 @@ impl Pipeline {
     }
 
     /// Generates one image from `noise` (standard normal, [`Self::latent_shape`]).
-    /// `on_step` is called after every denoising step.
-    pub fn generate(&self, request: &Generation, noise: &Tensor, on_step: &mut dyn FnMut(&StepProgress)) -> Result<RgbImage> {
+    /// `on_step` is called after every denoising step; answering [`ControlFlow::Break`]
+    /// stops the run, which then returns [`Error::Cancelled`] without decoding.
+    pub fn generate(
+        &self,
+        request: &Generation,
+        noise: &Tensor,
+        on_step: &mut dyn FnMut(&StepProgress) -> ControlFlow<()>,
+    ) -> Result<RgbImage> {
         self.check(request, noise)?;
         let guided = request.guidance > 1.0;
 
@@ -244,7 +252,7 @@ impl Pipeline {
         text: &PromptEmbeddings,
         time_ids: &[[f32; 6]],
         guidance: f64,
-        on_step: &mut dyn FnMut(&StepProgress),
+        on_step: &mut dyn FnMut(&StepProgress) -> ControlFlow<()>,
     ) -> Result<Tensor> {
         let guided = time_ids.len() == 2;
         let total = schedule.timesteps.len();
@@ -264,7 +272,9 @@ impl Pipeline {
             if let Some(inpaint) = &start.inpaint {
                 latents = inpaint.keep_unmasked(&latents, schedule, i)?;
             }
-            on_step(&StepProgress { step: i + 1, total, latents: &latents });
+            if on_step(&StepProgress { step: i + 1, total, latents: &latents }).is_break() {
+                return Err(Error::Cancelled);
+            }
         }
         Ok(latents)
     }

@@ -93,8 +93,35 @@ fn latents_after_each_step_match_diffusers() {
                 let i = progress.step - 1;
                 assert_close(&format!("{model} step {i}"), progress.latents, &traced[&format!("step_{i}")], LATENT_TOL);
                 seen += 1;
+                std::ops::ControlFlow::Continue(())
             })
             .expect("txt2img");
         assert_eq!(seen, case.steps);
     }
+}
+
+#[test]
+fn a_step_callback_that_breaks_cancels_the_run() {
+    let pipeline = load(&fixtures().join("tiny-sdxl"));
+    let noise = Tensor::zeros(&pipeline.latent_shape(64, 64), DType::F32, &Device::Cpu).unwrap();
+    let request = Generation {
+        prompt: "a cat",
+        negative_prompt: None,
+        width: 64,
+        height: 64,
+        steps: 4,
+        guidance: 0.0,
+        source: None,
+    };
+    let mut seen = Vec::new();
+    let result = pipeline.generate(&request, &noise, &mut |progress| {
+        seen.push(progress.step);
+        if progress.step == 2 {
+            std::ops::ControlFlow::Break(())
+        } else {
+            std::ops::ControlFlow::Continue(())
+        }
+    });
+    assert!(matches!(result, Err(sdxl_models::Error::Cancelled)), "got {result:?}");
+    assert_eq!(seen, [1, 2], "no step runs after the callback breaks");
 }

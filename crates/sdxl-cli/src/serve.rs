@@ -1,0 +1,136 @@
+//! `sdxl serve`: load the model, start the worker, serve HTTP until SIGTERM or ctrl-c.
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use candle_core::Device;
+use clap::Args;
+use sdxl_engine::queue::{PipelineBackend, Queue, QueueConfig};
+use sdxl_server::{app, AppState, ServerConfig};
+use tokio::sync::Notify;
+
+use crate::generate::Dtype;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Model directory in the diffusers layout.
+    #[arg(long, env = "SDXL_MODEL")]
+    model: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "SDXL_HOST", default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0 picks a free one; the start-up line says which).
+    #[arg(long, env = "SDXL_PORT", default_value_t = 8080)]
+    port: u16,
+    /// Accepted bearer token; repeat for several (SDXL_API_KEYS: comma-separated). None: open.
+    #[arg(long = "api-key", env = "SDXL_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    api_keys: Vec<String>,
+    /// Requests that may wait while one runs; more are refused with 429.
+    #[arg(long, env = "SDXL_QUEUE_CAPACITY", default_value_t = 8)]
+    queue_capacity: usize,
+    /// Seconds a request may spend waiting plus generating before it fails with 408.
+    #[arg(long, env = "SDXL_REQUEST_TIMEOUT", default_value_t = 300)]
+    request_timeout: u64,
+    /// `num_steps` for requests that give none (1-20).
+    #[arg(long, env = "SDXL_DEFAULT_STEPS", default_value_t = 20)]
+    default_steps: usize,
+    /// `guidance` for requests that give none (0-30).
+    #[arg(long, env = "SDXL_DEFAULT_GUIDANCE", default_value_t = 7.5)]
+    default_guidance: f64,
+    /// Largest width × height accepted.
+    #[arg(long, env = "SDXL_MAX_PIXELS")]
+    max_pixels: Option<usize>,
+    /// Compute dtype of the UNet and text encoders.
+    #[arg(long, env = "SDXL_DTYPE", value_enum, default_value = "f32")]
+    dtype: Dtype,
+    /// Seconds in-flight work may take to finish after SIGTERM / ctrl-c.
+    #[arg(long, env = "SDXL_SHUTDOWN_GRACE", default_value_t = 30)]
+    shutdown_grace: u64,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if !(1..=20).contains(&args.default_steps) {
+        anyhow::bail!("`--default-steps` must be between 1 and 20, got {}", args.default_steps);
+    }
+    if !args.default_guidance.is_finite() || !(0.0..=30.0).contains(&args.default_guidance) {
+        anyhow::bail!("`--default-guidance` must be between 0 and 30, got {}", args.default_guidance);
+    }
+    let device = Device::Cpu;
+    let pipeline = sdxl_engine::model::load(&args.model, args.dtype.into(), &device)?;
+    let queue = Queue::start(PipelineBackend(pipeline), QueueConfig { capacity: args.queue_capacity });
+    let config = ServerConfig {
+        api_keys: args.api_keys.clone(),
+        default_steps: args.default_steps,
+        default_guidance: args.default_guidance,
+        max_pixels: args.max_pixels,
+        request_timeout: Duration::from_secs(args.request_timeout),
+        ..ServerConfig::default()
+    };
+    let state = AppState::new(queue, config);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(serve(args, state))
+}
+
+async fn serve(args: ServeArgs, state: AppState) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    let address: SocketAddr = listener.local_addr()?;
+    tracing::info!(
+        %address,
+        model = %args.model.display(),
+        dtype = ?args.dtype,
+        device = "cpu",
+        auth = if state.auth_enabled() { "on" } else { "off" },
+        "sdxl listening on http://{address}"
+    );
+    if !state.auth_enabled() {
+        tracing::warn!("no API keys configured: anyone who can reach this address can generate images");
+    }
+    let signalled = Arc::new(Notify::new());
+    let shutdown = {
+        let (state, signalled) = (state.clone(), signalled.clone());
+        async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: refusing new work, finishing what is in flight");
+            state.start_draining();
+            signalled.notify_one();
+        }
+    };
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown);
+    let grace = Duration::from_secs(args.shutdown_grace);
+    tokio::select! {
+        result = server.into_future() => result?,
+        _ = async { signalled.notified().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!("grace period over; exiting with work in flight");
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = terminate => {} }
+}

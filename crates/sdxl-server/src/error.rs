@@ -1,0 +1,89 @@
+//! The one table from failures to HTTP status and Workers AI error code, and the error
+//! envelope `{"result":null,"success":false,"errors":[{"code":N,"message":"…"}],"messages":[]}`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// Every way a request can fail, as the API reports it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Body not JSON, schema violation, bad image bytes, conflicting fields.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Missing or unknown bearer token.
+    #[error("authentication error")]
+    Unauthorized,
+    /// A model other than the one this server runs.
+    #[error("no such model {0}")]
+    UnknownModel(String),
+    /// No route matches.
+    #[error("no route for that URI")]
+    NotFound,
+    /// The body exceeds the configured limit.
+    #[error("request body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    /// The queue is full; the client should retry after the given seconds.
+    #[error("the queue is full, retry later")]
+    QueueFull { retry_after_seconds: u64 },
+    /// The request waited or ran past its deadline.
+    #[error("request timed out")]
+    Timeout,
+    /// The server is draining for shutdown.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// Generation failed; the detail is logged, not returned.
+    #[error("inference failed")]
+    Internal,
+}
+
+impl ApiError {
+    /// HTTP status and Workers AI error code (DESIGN §5).
+    pub fn status_and_code(&self) -> (StatusCode, u32) {
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, 5006),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, 10000),
+            ApiError::UnknownModel(_) => (StatusCode::BAD_REQUEST, 5007),
+            ApiError::NotFound => (StatusCode::NOT_FOUND, 7003),
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, 3006),
+            ApiError::QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, 3040),
+            ApiError::Timeout => (StatusCode::REQUEST_TIMEOUT, 3007),
+            ApiError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, 3040),
+            ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, 3030),
+        }
+    }
+
+    /// Maps an engine failure; internal details go to the log only.
+    pub fn from_engine(e: sdxl_engine::Error) -> Self {
+        use sdxl_engine::Error as E;
+        match e {
+            E::InvalidRequest(message) => ApiError::BadRequest(message),
+            E::QueueFull => ApiError::QueueFull { retry_after_seconds: 5 },
+            E::Timeout => ApiError::Timeout,
+            E::ShuttingDown => ApiError::ShuttingDown,
+            // the client is gone; nobody reads this answer
+            E::Cancelled => ApiError::Timeout,
+            other => {
+                tracing::error!(error = %other, "generation failed");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let body = json!({
+            "result": null,
+            "success": false,
+            "errors": [{ "code": code, "message": self.to_string() }],
+            "messages": [],
+        });
+        let mut response = (status, axum::Json(body)).into_response();
+        if let ApiError::QueueFull { retry_after_seconds } = self {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_seconds));
+        }
+        response
+    }
+}

@@ -1,0 +1,85 @@
+//! The Workers AI–compatible HTTP server: routes, wire types, auth, the error table,
+//! metrics and OpenAPI. The model runs on the engine's worker thread; handlers only
+//! validate, enqueue and await.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod openapi;
+mod routes;
+pub mod wire;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::routing::{get, post};
+use axum::Router;
+use sdxl_engine::queue::Queue;
+
+pub use config::ServerConfig;
+
+/// The model id this server answers for.
+pub const MODEL_ID: &str = "@cf/bytedance/stable-diffusion-xl-lightning";
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    queue: Queue,
+    config: ServerConfig,
+    keys: auth::ApiKeys,
+    draining: AtomicBool,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+impl AppState {
+    pub fn new(queue: Queue, config: ServerConfig) -> Self {
+        let keys = auth::ApiKeys::new(&config.api_keys);
+        let inner = Inner { queue, config, keys, draining: AtomicBool::new(false), metrics: metrics::install() };
+        Self { inner: Arc::new(inner) }
+    }
+
+    pub fn queue(&self) -> &Queue {
+        &self.inner.queue
+    }
+
+    pub fn config(&self) -> &ServerConfig {
+        &self.inner.config
+    }
+
+    /// Whether requests must carry a bearer token.
+    pub fn auth_enabled(&self) -> bool {
+        self.inner.keys.enabled()
+    }
+
+    /// Marks the server as draining: `/ready` fails and the queue takes no new work.
+    pub fn start_draining(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+        self.inner.queue.shutdown();
+    }
+
+    fn draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
+    }
+}
+
+/// The router with every route; tests drive it without opening a port.
+pub fn app(state: AppState) -> Router {
+    let timeout = tower_http::timeout::RequestBodyTimeoutLayer::new(state.config().body_read_timeout);
+    Router::new()
+        .route("/client/v4/accounts/{account_id}/ai/run/{*model}", post(routes::run::account_route))
+        .route("/ai/run/{*model}", post(routes::run::short_route))
+        .route("/v1/images/generations", post(routes::openai::generations))
+        .route("/health", get(routes::health::health))
+        .route("/ready", get(routes::health::ready))
+        .route("/metrics", get(routes::health::metrics))
+        .route("/openapi.json", get(routes::health::openapi))
+        .fallback(routes::not_found)
+        .layer(axum::middleware::from_fn(metrics::count_requests))
+        .layer(timeout)
+        .with_state(state)
+}

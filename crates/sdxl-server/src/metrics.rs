@@ -1,0 +1,35 @@
+//! Prometheus metrics: the recorder (installed once per process) and the request counter.
+//! Engine metrics (queue depth, waits, step and generation seconds) are recorded by the
+//! engine under the names in `sdxl_engine::metric_names`.
+
+use std::sync::OnceLock;
+
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::response::Response;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Responses by HTTP status.
+pub const REQUESTS_TOTAL: &str = "sdxl_requests_total";
+
+/// The process-wide Prometheus recorder; later calls return the same handle.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (by an embedding program); then
+            // this one renders nothing, which is better than failing to start.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Counts every response by status.
+pub async fn count_requests(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    metrics::counter!(REQUESTS_TOTAL, "status" => response.status().as_u16().to_string()).increment(1);
+    response
+}

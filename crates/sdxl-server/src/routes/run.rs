@@ -1,0 +1,128 @@
+//! `POST /client/v4/accounts/{account_id}/ai/run/{model}` and `POST /ai/run/{model}`:
+//! the Workers AI text-to-image call, answered with the PNG.
+
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyExt, Limited};
+use sdxl_engine::queue::Completed;
+use sdxl_engine::{GenerateRequest, Limits, NoiseSource, RawRequest};
+
+use crate::error::ApiError;
+use crate::wire::{decode_base64, parse_json, RunRequest};
+use crate::{AppState, MODEL_ID};
+
+/// The bounds of the Workers AI schema.
+pub fn server_limits() -> Limits {
+    Limits { default_side: 1024, min_side: 256, max_side: 2048, max_steps: 20, max_guidance: 30.0, steps_field: "num_steps" }
+}
+
+/// The account-scoped route (the account id is accepted and ignored).
+pub async fn account_route(
+    State(state): State<AppState>,
+    Path((_account_id, model)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    run(state, &model, &headers, body).await
+}
+
+/// The short route without an account.
+pub async fn short_route(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    run(state, &model, &headers, body).await
+}
+
+async fn run(state: AppState, model: &str, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+    state.inner.keys.check(headers)?;
+    let model = model.trim_start_matches('/');
+    if model != MODEL_ID {
+        return Err(ApiError::UnknownModel(model.to_string()));
+    }
+    let body = read_body(body, state.config().body_limit).await?;
+    let wire: RunRequest = parse_json(&body)?;
+    let (request, seed) = to_request(wire, &state)?;
+    let done = execute(&state, request).await?;
+    png_response(&done, seed).await
+}
+
+/// Reads the whole body, refusing more than `limit` bytes with 413.
+pub async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes().to_vec()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::PayloadTooLarge(limit)),
+        Err(e) => Err(ApiError::BadRequest(format!("cannot read the request body: {e}"))),
+    }
+}
+
+/// Wire fields → the engine's validated request, with the defaults in force.
+fn to_request(wire: RunRequest, state: &AppState) -> Result<(GenerateRequest, u64), ApiError> {
+    if wire.prompt.is_empty() {
+        return Err(ApiError::BadRequest("`prompt` must be at least 1 character long".into()));
+    }
+    let image = match (wire.image, wire.image_b64) {
+        (Some(_), Some(_)) => return Err(ApiError::BadRequest("`image` and `image_b64` are mutually exclusive".into())),
+        (Some(bytes), None) => Some(bytes.0),
+        (None, Some(text)) => Some(decode_base64("image_b64", &text)?),
+        (None, None) => None,
+    };
+    let seed = wire.seed.unwrap_or_else(sdxl_engine::request::random_seed);
+    let config = state.config();
+    let raw = RawRequest {
+        prompt: wire.prompt,
+        negative_prompt: wire.negative_prompt,
+        width: wire.width,
+        height: wire.height,
+        steps: wire.num_steps.unwrap_or(config.default_steps),
+        guidance: wire.guidance.unwrap_or(config.default_guidance),
+        noise: NoiseSource::Seed(seed),
+        image,
+        mask: wire.mask.map(|m| m.0),
+        strength: wire.strength,
+    };
+    let request = GenerateRequest::parse(raw, &server_limits()).map_err(ApiError::from_engine)?;
+    check_pixels(&request, config.max_pixels)?;
+    Ok((request, seed))
+}
+
+/// `--max-pixels`: the operator's cap on `width × height`.
+pub fn check_pixels(request: &GenerateRequest, max_pixels: Option<usize>) -> Result<(), ApiError> {
+    match max_pixels {
+        Some(max) if request.width * request.height > max => Err(ApiError::BadRequest(format!(
+            "`width` × `height` must be at most {max} pixels, got {}",
+            request.width * request.height
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Enqueues `request` with the configured deadline and waits for it. If the client goes
+/// away, this future is dropped with the ticket, which cancels the job.
+pub async fn execute(state: &AppState, request: GenerateRequest) -> Result<Completed, ApiError> {
+    let deadline = Instant::now() + state.config().request_timeout;
+    let ticket = state.queue().submit(request, deadline).map_err(ApiError::from_engine)?;
+    ticket.wait().await.map_err(ApiError::from_engine)
+}
+
+/// 200 `image/png` with the seed and timing headers.
+async fn png_response(done: &Completed, seed: u64) -> Result<Response, ApiError> {
+    let image = done.image.clone();
+    let png = tokio::task::spawn_blocking(move || sdxl_engine::png::encode(&image))
+        .await
+        .map_err(|_| ApiError::Internal)?
+        .map_err(ApiError::from_engine)?;
+    let mut response = png.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
+    headers.insert("x-seed", HeaderValue::from(seed));
+    headers.insert("x-queue-time-ms", HeaderValue::from(done.queue_time.as_millis() as u64));
+    headers.insert("x-inference-time-ms", HeaderValue::from(done.inference_time.as_millis() as u64));
+    Ok(response)
+}

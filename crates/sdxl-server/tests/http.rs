@@ -1,0 +1,303 @@
+//! The server over real HTTP on an ephemeral port: the tiny model for the happy paths, a
+//! slow fake backend for queueing, timeouts and cancellation.
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use candle_core::{DType, Device};
+use reqwest::StatusCode;
+use sdxl_engine::queue::{Backend, PipelineBackend, Queue, QueueConfig};
+use sdxl_engine::{GenerateRequest, Limits, NoiseSource, RawRequest};
+use sdxl_models::pixels::RgbImage;
+use sdxl_server::{app, AppState, ServerConfig};
+use serde_json::{json, Value};
+
+const RUN: &str = "/client/v4/accounts/abc/ai/run/@cf/bytedance/stable-diffusion-xl-lightning";
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../sdxl-models/tests/fixtures")
+}
+
+async fn start(backend: impl Backend, capacity: usize, config: ServerConfig) -> (String, AppState) {
+    let queue = Queue::start(backend, QueueConfig { capacity });
+    let state = AppState::new(queue, config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address: SocketAddr = listener.local_addr().unwrap();
+    tokio::spawn(axum::serve(listener, app(state.clone())).into_future());
+    (format!("http://{address}"), state)
+}
+
+fn tiny_model() -> PipelineBackend {
+    PipelineBackend(sdxl_engine::model::load(&fixtures().join("tiny-sdxl"), DType::F32, &Device::Cpu).unwrap())
+}
+
+/// Sleeps `step_time` per step, counting steps; returns a gray image of the asked size.
+#[derive(Clone)]
+struct SlowBackend {
+    step_time: Duration,
+    steps_run: Arc<AtomicUsize>,
+}
+
+impl SlowBackend {
+    fn new(step_time: Duration) -> Self {
+        Self { step_time, steps_run: Arc::new(AtomicUsize::new(0)) }
+    }
+}
+
+impl Backend for SlowBackend {
+    fn generate(
+        &mut self,
+        request: &GenerateRequest,
+        on_step: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> sdxl_engine::Result<RgbImage> {
+        for step in 1..=request.steps {
+            std::thread::sleep(self.step_time);
+            self.steps_run.fetch_add(1, Ordering::SeqCst);
+            if on_step(step, request.steps).is_break() {
+                return Err(sdxl_engine::Error::Cancelled);
+            }
+        }
+        Ok(RgbImage { width: request.width, height: request.height, pixels: vec![128; 3 * request.width * request.height] })
+    }
+}
+
+async fn post(base: &str, path: &str, body: Value) -> reqwest::Response {
+    reqwest::Client::new().post(format!("{base}{path}")).json(&body).send().await.unwrap()
+}
+
+/// Asserts a Workers AI error envelope with `status` and `code`; returns the message.
+async fn expect_error(response: reqwest::Response, status: StatusCode, code: u64) -> String {
+    assert_eq!(response.status(), status);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["success"], json!(false), "{body}");
+    assert_eq!(body["result"], Value::Null);
+    assert_eq!(body["messages"], json!([]));
+    assert_eq!(body["errors"][0]["code"], json!(code), "{body}");
+    body["errors"][0]["message"].as_str().unwrap().to_string()
+}
+
+fn png_to_rgb(bytes: &[u8]) -> image::RgbImage {
+    image::load_from_memory(bytes).unwrap().to_rgb8()
+}
+
+/// What the engine (and so `sdxl generate`) produces for the same request.
+fn engine_png(raw: RawRequest) -> Vec<u8> {
+    let limits = Limits { default_side: 1024, min_side: 256, max_side: 2048, max_steps: 20, max_guidance: 30.0, steps_field: "num_steps" };
+    let request = GenerateRequest::parse(raw, &limits).unwrap();
+    let PipelineBackend(pipeline) = tiny_model();
+    let image = sdxl_engine::generate::generate(&pipeline, &request, &mut |_| ControlFlow::Continue(())).unwrap();
+    sdxl_engine::png::encode(&image).unwrap()
+}
+
+fn raw(prompt: &str, steps: usize, seed: u64) -> RawRequest {
+    RawRequest {
+        prompt: prompt.into(),
+        negative_prompt: None,
+        width: Some(256),
+        height: Some(256),
+        steps,
+        guidance: 0.0,
+        noise: NoiseSource::Seed(seed),
+        image: None,
+        mask: None,
+        strength: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_to_image_returns_the_engines_png() {
+    let (base, _) = start(tiny_model(), 4, ServerConfig::default()).await;
+    let body = json!({"prompt": "a cat", "width": 256, "height": 256, "num_steps": 2, "guidance": 0, "seed": 7});
+    let response = post(&base, RUN, body.clone()).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "image/png");
+    assert_eq!(response.headers()["x-seed"], "7");
+    assert!(response.headers().contains_key("x-queue-time-ms"));
+    assert!(response.headers().contains_key("x-inference-time-ms"));
+    let png = response.bytes().await.unwrap();
+    assert_eq!(png_to_rgb(&png).dimensions(), (256, 256));
+    let expected = tokio::task::spawn_blocking(|| engine_png(raw("a cat", 2, 7))).await.unwrap();
+    assert_eq!(png.as_ref(), expected.as_slice());
+    // the short route answers the same
+    let short = post(&base, "/ai/run/@cf/bytedance/stable-diffusion-xl-lightning", body).await;
+    assert_eq!(short.bytes().await.unwrap(), png);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_array_and_base64_give_the_same_img2img() {
+    let (base, _) = start(tiny_model(), 4, ServerConfig::default()).await;
+    let input = std::fs::read(fixtures().join("golden/tiny-sdxl/edit_input_64x64.png")).unwrap();
+    let mask = std::fs::read(fixtures().join("golden/tiny-sdxl/edit_mask_64x64.png")).unwrap();
+    let common = json!({"prompt": "a cat", "num_steps": 4, "guidance": 0, "strength": 0.5, "seed": 3, "width": 256, "height": 256});
+    let with = |extra: Value| {
+        let mut body = common.clone();
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let by_array = post(&base, RUN, with(json!({"image": input}))).await;
+    assert_eq!(by_array.status(), StatusCode::OK);
+    let b64 = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(&input));
+    let by_b64 = post(&base, RUN, with(json!({"image_b64": b64}))).await;
+    assert_eq!(by_b64.status(), StatusCode::OK);
+    let (a, b) = (by_array.bytes().await.unwrap(), by_b64.bytes().await.unwrap());
+    assert_eq!(a, b);
+    let inpainted = post(&base, RUN, with(json!({"image": input, "mask": mask}))).await;
+    assert_eq!(inpainted.status(), StatusCode::OK);
+    let inpainted = inpainted.bytes().await.unwrap();
+    assert_eq!(png_to_rgb(&inpainted).dimensions(), (256, 256));
+    assert_ne!(inpainted, a, "the mask must change the result");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_the_envelope_and_the_server_keeps_serving() {
+    let config = ServerConfig { api_keys: vec!["secret".into()], body_limit: 1 << 20, ..ServerConfig::default() };
+    let (base, _) = start(SlowBackend::new(Duration::ZERO), 4, config).await;
+    let client = reqwest::Client::new();
+    let send = |path: &str, body: Value| client.post(format!("{base}{path}")).bearer_auth("secret").json(&body).send();
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({"width": 256}), "missing field `prompt`"),
+        (json!({"prompt": ""}), "`prompt` must be at least 1 character"),
+        (json!({"prompt": "x", "width": 4096}), "`width` must be between 256 and 2048, got 4096"),
+        (json!({"prompt": "x", "num_steps": 0}), "`num_steps` must be between 1 and 20, got 0"),
+        (json!({"prompt": "x", "num_steps": 21}), "`num_steps` must be between 1 and 20, got 21"),
+        (json!({"prompt": "x", "guidance": 31}), "`guidance` must be between 0 and 30, got 31"),
+        (json!({"prompt": "x", "image": [1, 300]}), "`image`: items must be integers between 0 and 255, got 300"),
+        (json!({"prompt": "x", "image": [1], "image_b64": "AA=="}), "`image` and `image_b64` are mutually exclusive"),
+        (json!({"prompt": "x", "image": [1, 2, 3]}), "`image` is not a PNG, JPEG or WebP image"),
+        (json!({"prompt": "x", "mask": [1, 2, 3]}), "`mask` requires `image`"),
+        (json!({"prompt": "x", "seed": -1}), "`seed`"),
+    ];
+    for (body, expected) in cases {
+        let message = expect_error(send(RUN, body.clone()).await.unwrap(), StatusCode::BAD_REQUEST, 5006).await;
+        assert!(message.contains(expected), "{body}: {message}");
+    }
+    let not_json = client.post(format!("{base}{RUN}")).bearer_auth("secret").body("{not json").send().await.unwrap();
+    expect_error(not_json, StatusCode::BAD_REQUEST, 5006).await;
+    let wrong_token = client.post(format!("{base}{RUN}")).bearer_auth("guess").json(&json!({"prompt": "x"})).send().await.unwrap();
+    expect_error(wrong_token, StatusCode::UNAUTHORIZED, 10000).await;
+    let no_token = client.post(format!("{base}{RUN}")).json(&json!({"prompt": "x"})).send().await.unwrap();
+    expect_error(no_token, StatusCode::UNAUTHORIZED, 10000).await;
+    let unknown_model = send("/client/v4/accounts/abc/ai/run/@cf/other/model", json!({"prompt": "x"})).await.unwrap();
+    let message = expect_error(unknown_model, StatusCode::BAD_REQUEST, 5007).await;
+    assert!(message.contains("@cf/other/model"), "{message}");
+    let unknown_route = client.get(format!("{base}/nope")).send().await.unwrap();
+    expect_error(unknown_route, StatusCode::NOT_FOUND, 7003).await;
+    let huge = json!({"prompt": "x", "image": vec![0u8; 1 << 20]});
+    expect_error(send(RUN, huge).await.unwrap(), StatusCode::PAYLOAD_TOO_LARGE, 3006).await;
+    // still serving
+    let ok = send(RUN, json!({"prompt": "x", "width": 256, "height": 256, "num_steps": 1})).await.unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_queue_answers_429_and_health_stays_fast() {
+    let backend = SlowBackend::new(Duration::from_millis(100));
+    let (base, state) = start(backend, 1, ServerConfig::default()).await;
+    let body = json!({"prompt": "x", "width": 256, "height": 256, "num_steps": 3});
+    let requests: Vec<_> = (0..6).map(|_| tokio::spawn(post_owned(base.clone(), body.clone()))).collect();
+    // while the worker is busy, /health answers quickly
+    while !state.queue().busy() {
+        tokio::task::yield_now().await;
+    }
+    let started = Instant::now();
+    let health = reqwest::get(format!("{base}/health")).await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    assert!(started.elapsed() < Duration::from_millis(100), "health took {:?}", started.elapsed());
+    let mut statuses = Vec::new();
+    for request in requests {
+        let response = request.await.unwrap();
+        let status = response.status();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            assert!(response.headers().contains_key("retry-after"));
+            expect_error(response, StatusCode::TOO_MANY_REQUESTS, 3040).await;
+        } else {
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(png_to_rgb(&response.bytes().await.unwrap()).dimensions(), (256, 256));
+        }
+        statuses.push(status);
+    }
+    assert!(statuses.contains(&StatusCode::TOO_MANY_REQUESTS), "{statuses:?}");
+    assert!(statuses.iter().filter(|s| **s == StatusCode::OK).count() >= 2, "{statuses:?}");
+}
+
+async fn post_owned(base: String, body: Value) -> reqwest::Response {
+    post(&base, RUN, body).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_stops_its_generation() {
+    let backend = SlowBackend::new(Duration::from_millis(50));
+    let steps_run = backend.steps_run.clone();
+    let (base, state) = start(backend, 2, ServerConfig::default()).await;
+    let client = reqwest::Client::builder().timeout(Duration::from_millis(200)).build().unwrap();
+    let body = json!({"prompt": "x", "width": 256, "height": 256, "num_steps": 20});
+    assert!(client.post(format!("{base}{RUN}")).json(&body).send().await.is_err(), "the client should time out");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while state.queue().busy() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!state.queue().busy(), "the worker should be free again");
+    let run = steps_run.load(Ordering::SeqCst);
+    assert!(run < 20, "generation ran all {run} steps after the client left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_deadline_gets_408() {
+    let config = ServerConfig { request_timeout: Duration::from_millis(150), ..ServerConfig::default() };
+    let (base, _) = start(SlowBackend::new(Duration::from_millis(100)), 2, config).await;
+    let response = post(&base, RUN, json!({"prompt": "x", "width": 256, "height": 256, "num_steps": 10})).await;
+    expect_error(response, StatusCode::REQUEST_TIMEOUT, 3007).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_refuses_new_work_and_fails_readiness() {
+    let (base, state) = start(SlowBackend::new(Duration::ZERO), 2, ServerConfig::default()).await;
+    assert_eq!(reqwest::get(format!("{base}/ready")).await.unwrap().status(), StatusCode::OK);
+    state.start_draining();
+    assert_eq!(reqwest::get(format!("{base}/ready")).await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reqwest::get(format!("{base}/health")).await.unwrap().status(), StatusCode::OK);
+    let response = post(&base, RUN, json!({"prompt": "x", "width": 256, "height": 256, "num_steps": 1})).await;
+    expect_error(response, StatusCode::SERVICE_UNAVAILABLE, 3040).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_route_returns_n_images() {
+    let (base, _) = start(tiny_model(), 4, ServerConfig::default()).await;
+    let body = json!({"prompt": "a cat", "n": 2, "size": "256x256", "num_steps": 1, "guidance": 0, "seed": 5});
+    let response = post(&base, "/v1/images/generations", body).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let answer: Value = response.json().await.unwrap();
+    let data = answer["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    let images: Vec<Vec<u8>> =
+        data.iter().map(|d| base64::engine::general_purpose::STANDARD.decode(d["b64_json"].as_str().unwrap()).unwrap()).collect();
+    assert_ne!(images[0], images[1], "image i uses seed + i");
+    let expected = tokio::task::spawn_blocking(|| engine_png(raw("a cat", 1, 6))).await.unwrap();
+    assert_eq!(images[1], expected);
+    let bad = post(&base, "/v1/images/generations", json!({"prompt": "x", "response_format": "url"})).await;
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    let error: Value = bad.json().await.unwrap();
+    assert!(error["error"]["message"].as_str().unwrap().contains("response_format"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_openapi_describe_the_server() {
+    let config = ServerConfig { default_steps: 6, default_guidance: 1.5, ..ServerConfig::default() };
+    let (base, _) = start(SlowBackend::new(Duration::ZERO), 2, config).await;
+    assert_eq!(post(&base, RUN, json!({"prompt": "x", "width": 256, "height": 256})).await.status(), StatusCode::OK);
+    let metrics = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
+    for name in ["sdxl_requests_total", "sdxl_queue_depth", "sdxl_generation_seconds", "sdxl_step_seconds", "sdxl_queue_wait_seconds"] {
+        assert!(metrics.contains(name), "{name} missing from {metrics}");
+    }
+    let doc: Value = reqwest::get(format!("{base}/openapi.json")).await.unwrap().json().await.unwrap();
+    let properties = &doc["components"]["schemas"]["RunRequest"]["properties"];
+    assert_eq!(properties["num_steps"]["default"], json!(6));
+    assert_eq!(properties["guidance"]["default"], json!(1.5));
+    assert!(doc["paths"]["/v1/images/generations"].is_object());
+}
