@@ -1,0 +1,72 @@
+//! `sdxl serve` as a process: configuration from SDXL_* variables, the start-up line, a
+//! generation equal to `sdxl generate`'s, auth, and a clean exit on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn fixture_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../sdxl-models/tests/fixtures/tiny-sdxl")
+}
+
+/// Starts the server on a free port; returns the child and its base URL from the start-up line.
+fn start_server() -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sdxl"))
+        .args(["serve", "--port", "0"])
+        .env("SDXL_MODEL", fixture_model())
+        .env("SDXL_API_KEYS", "first-key,second-key")
+        .env("SDXL_QUEUE_CAPACITY", "2")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sdxl serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let url = loop {
+        let line = lines.next().expect("server exited before listening").expect("read stderr");
+        if let Some(rest) = line.split("sdxl listening on ").nth(1) {
+            assert!(line.contains("auth=\"on\"") || line.contains("auth=on"), "{line}");
+            break rest.split_whitespace().next().expect("address").to_string();
+        }
+    };
+    // keep draining stderr so the server never blocks on a full pipe
+    std::thread::spawn(move || for _ in lines {});
+    (child, url)
+}
+
+#[test]
+fn serves_generates_and_stops_on_sigterm() {
+    let (mut child, base) = start_server();
+    let client = reqwest::blocking::Client::new();
+    let run = format!("{base}/client/v4/accounts/abc/ai/run/@cf/bytedance/stable-diffusion-xl-lightning");
+    let body = serde_json::json!({"prompt": "a cat", "width": 256, "height": 256, "num_steps": 2, "guidance": 0, "seed": 11});
+
+    let refused = client.post(&run).json(&body).send().expect("request");
+    assert_eq!(refused.status().as_u16(), 401);
+    let response = client.post(&run).bearer_auth("second-key").json(&body).send().expect("request");
+    assert_eq!(response.status().as_u16(), 200);
+    let served = response.bytes().expect("body");
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cli.png");
+    let status = Command::new(env!("CARGO_BIN_EXE_sdxl"))
+        .args(["generate", "--model", fixture_model().to_str().unwrap(), "--prompt", "a cat", "--width", "256", "--height", "256"])
+        .args(["--steps", "2", "--guidance", "0", "--seed", "11", "--output", out.to_str().unwrap()])
+        .status()
+        .expect("sdxl generate");
+    assert!(status.success());
+    assert_eq!(served.as_ref(), std::fs::read(&out).unwrap().as_slice(), "server and CLI differ for the same seed");
+
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(kill.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "server did not stop after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "exit status {exit}");
+}
