@@ -32,7 +32,8 @@ fn copy_dir(from: &Path, to: &Path) {
 fn fails(model: &Path, overrides: &[(&str, &str)]) -> String {
     let out = tempfile::tempdir().expect("tempdir");
     let output_png = out.path().join("out.png");
-    let mut flags = vec![("--prompt", "a cat"), ("--width", "16"), ("--height", "16"), ("--steps", "1"), ("--seed", "1")];
+    let mut flags =
+        vec![("--prompt", "a cat"), ("--width", "16"), ("--height", "16"), ("--steps", "1"), ("--seed", "1")];
     for &(flag, value) in overrides {
         match flags.iter_mut().find(|(f, _)| *f == flag) {
             Some(entry) => entry.1 = value,
@@ -101,7 +102,11 @@ fn misshapen_tensor_is_named() {
 fn unexpected_tensor_is_named() {
     let model = scratch_model();
     let key = "mystery.weight";
-    rewrite_tensor(&model.path().join("unet/diffusion_pytorch_model.safetensors"), key, Some((vec![2], vec![1.0, 2.0])));
+    rewrite_tensor(
+        &model.path().join("unet/diffusion_pytorch_model.safetensors"),
+        key,
+        Some((vec![2], vec![1.0, 2.0])),
+    );
     let err = fails(model.path(), &[]);
     assert!(err.contains(&format!("unexpected tensor `{key}`")), "{err}");
 }
@@ -138,8 +143,23 @@ fn noise_of_the_wrong_shape_is_named() {
     std::fs::write(&noise, safetensors::serialize([("noise", view)], None).unwrap()).unwrap();
     let model = fixture_model();
     let out = dir.path().join("o.png");
-    let args = ["generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--width", "16", "--height", "16", "--steps", "1",
-        "--noise", noise.to_str().unwrap(), "--output", out.to_str().unwrap()];
+    let args = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--width",
+        "16",
+        "--height",
+        "16",
+        "--steps",
+        "1",
+        "--noise",
+        noise.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ];
     let output = Command::new(env!("CARGO_BIN_EXE_sdxl")).args(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
@@ -183,7 +203,8 @@ fn input_image_errors_are_one_line() {
     std::fs::write(&not_an_image, "these are not pixels").unwrap();
     let bomb = dir.path().join("bomb.png");
     std::fs::write(&bomb, bomb_png(100_000)).unwrap();
-    let real = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../sdxl-models/tests/fixtures/golden/tiny-sdxl/edit_input_64x64.png");
+    let real = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../sdxl-models/tests/fixtures/golden/tiny-sdxl/edit_input_64x64.png");
     let (not_an_image, bomb, real) = (not_an_image.to_str().unwrap(), bomb.to_str().unwrap(), real.to_str().unwrap());
 
     let err = fails(&model, &[("--image", not_an_image)]);

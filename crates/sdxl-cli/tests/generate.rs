@@ -48,11 +48,31 @@ fn generate(model: &str, case: &Case, by_seed: bool, out: &Path) -> Vec<u8> {
 fn generate_in(model: &str, case: &Case, by_seed: bool, dtype: &str, out: &Path) -> Vec<u8> {
     let model_dir = fixtures().join(model);
     let noise = fixtures().join("golden").join(model).join(&case.noise);
-    let (width, height, steps, guidance, seed) =
-        (case.width.to_string(), case.height.to_string(), case.steps.to_string(), case.guidance.to_string(), case.seed.to_string());
+    let (width, height, steps, guidance, seed) = (
+        case.width.to_string(),
+        case.height.to_string(),
+        case.steps.to_string(),
+        case.guidance.to_string(),
+        case.seed.to_string(),
+    );
     let mut args = vec![
-        "generate", "--model", model_dir.to_str().unwrap(), "--prompt", &case.prompt, "--width", &width, "--height", &height,
-        "--steps", &steps, "--guidance", &guidance, "--dtype", dtype, "--output", out.to_str().unwrap(),
+        "generate",
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--prompt",
+        &case.prompt,
+        "--width",
+        &width,
+        "--height",
+        &height,
+        "--steps",
+        &steps,
+        "--guidance",
+        &guidance,
+        "--dtype",
+        dtype,
+        "--output",
+        out.to_str().unwrap(),
     ];
     if let Some(negative) = &case.negative_prompt {
         args.extend(["--negative-prompt", negative]);
@@ -172,9 +192,25 @@ fn run_edit(model: &str, case: &EditCase, by_seed: bool, out: &Path) -> Vec<u8> 
     let numbers = [case.width, case.height, case.steps].map(|n| n.to_string());
     let (guidance, strength, seed) = (case.guidance.to_string(), case.strength.to_string(), case.seed.to_string());
     let mut args = vec![
-        "generate", "--model", model_dir.to_str().unwrap(), "--prompt", &case.prompt, "--width", &numbers[0],
-        "--height", &numbers[1], "--steps", &numbers[2], "--guidance", &guidance, "--strength", &strength,
-        "--image", image.to_str().unwrap(), "--output", out.to_str().unwrap(),
+        "generate",
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--prompt",
+        &case.prompt,
+        "--width",
+        &numbers[0],
+        "--height",
+        &numbers[1],
+        "--steps",
+        &numbers[2],
+        "--guidance",
+        &guidance,
+        "--strength",
+        &strength,
+        "--image",
+        image.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
     ];
     if let Some(negative) = &case.negative_prompt {
         args.extend(["--negative-prompt", negative]);

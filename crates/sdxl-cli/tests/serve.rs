@@ -40,7 +40,8 @@ fn serves_generates_and_stops_on_sigterm() {
     let (mut child, base) = start_server();
     let client = reqwest::blocking::Client::new();
     let run = format!("{base}/client/v4/accounts/abc/ai/run/@cf/bytedance/stable-diffusion-xl-lightning");
-    let body = serde_json::json!({"prompt": "a cat", "width": 256, "height": 256, "num_steps": 2, "guidance": 0, "seed": 11});
+    let body =
+        serde_json::json!({"prompt": "a cat", "width": 256, "height": 256, "num_steps": 2, "guidance": 0, "seed": 11});
 
     let refused = client.post(&run).json(&body).send().expect("request");
     assert_eq!(refused.status().as_u16(), 401);
@@ -51,7 +52,17 @@ fn serves_generates_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("cli.png");
     let status = Command::new(env!("CARGO_BIN_EXE_sdxl"))
-        .args(["generate", "--model", fixture_model().to_str().unwrap(), "--prompt", "a cat", "--width", "256", "--height", "256"])
+        .args([
+            "generate",
+            "--model",
+            fixture_model().to_str().unwrap(),
+            "--prompt",
+            "a cat",
+            "--width",
+            "256",
+            "--height",
+            "256",
+        ])
         .args(["--steps", "2", "--guidance", "0", "--seed", "11", "--output", out.to_str().unwrap()])
         .status()
         .expect("sdxl generate");

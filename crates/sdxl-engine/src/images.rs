@@ -30,9 +30,9 @@ fn decode(bytes: &[u8], field: &str) -> Result<DynamicImage> {
     let mut reader = reader;
     reader.limits(limits);
     reader.decode().map_err(|e| match e {
-        image::ImageError::Limits(_) => {
-            invalid(format!("is larger than {MAX_INPUT_SIDE}x{MAX_INPUT_SIDE} pixels or needs too much memory to decode"))
-        }
+        image::ImageError::Limits(_) => invalid(format!(
+            "is larger than {MAX_INPUT_SIDE}x{MAX_INPUT_SIDE} pixels or needs too much memory to decode"
+        )),
         other => invalid(format!("is not a valid image: {other}")),
     })
 }

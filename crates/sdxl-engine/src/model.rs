@@ -18,7 +18,8 @@ use serde::Deserialize;
 use crate::{Error, Result};
 
 /// The components every SDXL directory must have.
-const COMPONENTS: [&str; 7] = ["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"];
+const COMPONENTS: [&str; 7] =
+    ["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"];
 
 #[derive(Deserialize)]
 struct ModelIndex {

@@ -9,12 +9,17 @@ use crate::{Error, Result};
 
 /// Encodes `image` as an 8-bit RGB PNG.
 pub fn encode(image: &RgbImage) -> Result<Vec<u8>> {
-    let buffer = ImageBuffer::from_raw(image.width as u32, image.height as u32, image.pixels.clone())
-        .ok_or_else(|| Error::Encode(format!("{} bytes do not make a {}x{} RGB image", image.pixels.len(), image.width, image.height)))?;
+    let buffer =
+        ImageBuffer::from_raw(image.width as u32, image.height as u32, image.pixels.clone()).ok_or_else(|| {
+            Error::Encode(format!(
+                "{} bytes do not make a {}x{} RGB image",
+                image.pixels.len(),
+                image.width,
+                image.height
+            ))
+        })?;
     let mut bytes = Cursor::new(Vec::new());
-    buffer
-        .write_to(&mut bytes, ImageFormat::Png)
-        .map_err(|e| Error::Encode(e.to_string()))?;
+    buffer.write_to(&mut bytes, ImageFormat::Png).map_err(|e| Error::Encode(e.to_string()))?;
     Ok(bytes.into_inner())
 }
 

@@ -552,7 +552,11 @@ mod tests {
         h.open();
         let (a, b, c) = (block_on(a.wait()).unwrap(), block_on(b.wait()).unwrap(), block_on(c.wait()).unwrap());
         assert_eq!(h.started(), ["a", "b", "c"]);
-        assert_eq!([a.image.pixels[0], b.image.pixels[0], c.image.pixels[0]], [1, 2, 3], "each ticket gets its own image");
+        assert_eq!(
+            [a.image.pixels[0], b.image.pixels[0], c.image.pixels[0]],
+            [1, 2, 3],
+            "each ticket gets its own image"
+        );
         // b could not start before a finished, which was after the release
         assert!(b.queue_time >= released - b_submitted, "queue time {:?}", b.queue_time);
         assert!(h.queue.wait_idle(PATIENCE));

@@ -32,7 +32,14 @@ pub struct Limits {
 
 impl Limits {
     /// `sdxl generate`: any size from 8 to 4096 pixels, 1 to 100 steps.
-    pub const CLI: Limits = Limits { default_side: 1024, min_side: 8, max_side: 4096, max_steps: 100, max_guidance: 30.0, steps_field: "steps" };
+    pub const CLI: Limits = Limits {
+        default_side: 1024,
+        min_side: 8,
+        max_side: 4096,
+        max_steps: 100,
+        max_guidance: 30.0,
+        steps_field: "steps",
+    };
 }
 
 /// A seed for requests that give none, from the process's random hasher keys and the clock.

@@ -31,10 +31,9 @@ impl<T: Clone> PerLevel<T> {
         match self {
             PerLevel::Same(v) => Ok(vec![v.clone(); levels]),
             PerLevel::Each(vs) if vs.len() == levels => Ok(vs.clone()),
-            PerLevel::Each(vs) => Err(Error::config(
-                path,
-                format!("`{key}` has {} entries, the model has {levels} levels", vs.len()),
-            )),
+            PerLevel::Each(vs) => {
+                Err(Error::config(path, format!("`{key}` has {} entries, the model has {levels} levels", vs.len())))
+            }
         }
     }
 }

@@ -149,7 +149,9 @@ impl Pipeline {
         let f = self.vae_scale_factor();
         let (width, height) = (request.width, request.height);
         if width == 0 || height == 0 || !width.is_multiple_of(f) || !height.is_multiple_of(f) {
-            return Err(Error::InvalidArgument(format!("width and height must be positive multiples of {f}, got {width}x{height}")));
+            return Err(Error::InvalidArgument(format!(
+                "width and height must be positive multiples of {f}, got {width}x{height}"
+            )));
         }
         let shape = self.latent_shape(width, height);
         if noise.dims() != shape {

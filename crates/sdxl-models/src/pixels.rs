@@ -49,7 +49,8 @@ impl RgbImage {
         // [1,3,H,W] -> [H,W,3]
         let hwc = image.squeeze(0)?.permute((1, 2, 0))?.contiguous()?;
         let values = hwc.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
-        let pixels = values.into_iter().map(|x| ((x / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round_ties_even() as u8).collect();
+        let pixels =
+            values.into_iter().map(|x| ((x / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round_ties_even() as u8).collect();
         Ok(Self { width, height, pixels })
     }
 }
@@ -58,7 +59,8 @@ impl GrayImage {
     /// `[1, 1, H, W]` of 0 and 1: `v/255 >= 0.5` (that is, `v >= 128`) repaints.
     pub fn to_mask(&self, device: &Device) -> Result<Tensor> {
         check_len("mask", self.pixels.len(), self.width * self.height)?;
-        let values: Vec<f32> = self.pixels.iter().map(|&v| if f32::from(v) / 255.0 >= 0.5 { 1.0 } else { 0.0 }).collect();
+        let values: Vec<f32> =
+            self.pixels.iter().map(|&v| if f32::from(v) / 255.0 >= 0.5 { 1.0 } else { 0.0 }).collect();
         Ok(Tensor::from_vec(values, (1, 1, self.height, self.width), device)?)
     }
 }

@@ -47,14 +47,30 @@ pub struct SchedulerConfig {
     pub timestep_type: String,
 }
 
-fn thousand() -> usize { 1000 }
-fn beta_start() -> f64 { 0.0001 }
-fn beta_end() -> f64 { 0.02 }
-fn linear() -> String { "linear".into() }
-fn epsilon() -> String { "epsilon".into() }
-fn linspace() -> String { "linspace".into() }
-fn zero() -> String { "zero".into() }
-fn discrete() -> String { "discrete".into() }
+fn thousand() -> usize {
+    1000
+}
+fn beta_start() -> f64 {
+    0.0001
+}
+fn beta_end() -> f64 {
+    0.02
+}
+fn linear() -> String {
+    "linear".into()
+}
+fn epsilon() -> String {
+    "epsilon".into()
+}
+fn linspace() -> String {
+    "linspace".into()
+}
+fn zero() -> String {
+    "zero".into()
+}
+fn discrete() -> String {
+    "discrete".into()
+}
 
 /// What the UNet predicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,7 +188,9 @@ impl EulerDiscrete {
             return Err(Error::InvalidArgument(format!("`steps` must be between 1 and {n}, got {steps}")));
         }
         let timesteps: Vec<f32> = match self.spacing {
-            Spacing::Linspace => numpy_linspace(0.0, (n - 1) as f64, steps).into_iter().rev().map(|t| t as f32).collect(),
+            Spacing::Linspace => {
+                numpy_linspace(0.0, (n - 1) as f64, steps).into_iter().rev().map(|t| t as f32).collect()
+            }
             Spacing::Leading => {
                 let ratio = n / steps;
                 (0..steps).rev().map(|i| (i * ratio) as f32 + self.steps_offset as f32).collect()

@@ -32,10 +32,8 @@ impl Checkpoint {
         let files = find_weight_files(dir, stem)?;
         // SAFETY: the files are mapped read-only; as with every mmap-based loader, modifying
         // them while the process runs is undefined behaviour, which we document, not prevent.
-        let tensors = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| Error::Weights {
-            path: files[0].clone(),
-            message: e.to_string(),
-        })?;
+        let tensors = unsafe { MmapedSafetensors::multi(&files) }
+            .map_err(|e| Error::Weights { path: files[0].clone(), message: e.to_string() })?;
         Ok(Arc::new(Self { files, tensors, used: Mutex::new(BTreeSet::new()) }))
     }
 

@@ -26,7 +26,8 @@ fn load(dir: &Path) -> Pipeline {
         tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer")).expect("tokenizer"),
         tokenizer_2: ClipTokenizer::from_dir(&dir.join("tokenizer_2")).expect("tokenizer_2"),
         text_encoder: ClipTextModel::load(&dir.join("text_encoder"), false, DType::F32, &cpu).expect("text_encoder"),
-        text_encoder_2: ClipTextModel::load(&dir.join("text_encoder_2"), true, DType::F32, &cpu).expect("text_encoder_2"),
+        text_encoder_2: ClipTextModel::load(&dir.join("text_encoder_2"), true, DType::F32, &cpu)
+            .expect("text_encoder_2"),
         unet: UNet::load(&dir.join("unet"), DType::F32, &cpu).expect("unet"),
         vae: Vae::load(&dir.join("vae"), &cpu).expect("vae"),
         scheduler: EulerDiscrete::load(&dir.join("scheduler/scheduler_config.json")).expect("scheduler"),
@@ -44,13 +45,18 @@ fn encode_prompt_matches_diffusers() {
         for (negative, key) in [(Some("blurry"), "blurry"), (None, "zeros")] {
             let text = pipeline.encode_prompt(prompt, negative, true).expect("encode");
             let expected_context = Tensor::cat(
-                &[&g[&format!("encode_cat_{key}_negative_prompt_embeds")], &g[&format!("encode_cat_{key}_prompt_embeds")]],
+                &[
+                    &g[&format!("encode_cat_{key}_negative_prompt_embeds")],
+                    &g[&format!("encode_cat_{key}_prompt_embeds")],
+                ],
                 0,
             )
             .unwrap();
-            let expected_pooled =
-                Tensor::cat(&[&g[&format!("encode_cat_{key}_negative_pooled")], &g[&format!("encode_cat_{key}_pooled")]], 0)
-                    .unwrap();
+            let expected_pooled = Tensor::cat(
+                &[&g[&format!("encode_cat_{key}_negative_pooled")], &g[&format!("encode_cat_{key}_pooled")]],
+                0,
+            )
+            .unwrap();
             assert_close(&format!("{model} {key} context"), &text.context, &expected_context, TEXT_TOL);
             assert_close(&format!("{model} {key} pooled"), &text.pooled, &expected_pooled, TEXT_TOL);
         }

@@ -47,7 +47,12 @@ fn timestep_and_sigma_tables_match_diffusers() {
         for (i, (&a, &b)) in schedule.sigmas.iter().zip(&case.sigmas).enumerate() {
             assert!(close(a, b), "{what}: sigma {i} is {a}, expected {b}");
         }
-        assert!(close(schedule.init_noise_sigma, case.init_noise_sigma), "{what}: init_noise_sigma {} vs {}", schedule.init_noise_sigma, case.init_noise_sigma);
+        assert!(
+            close(schedule.init_noise_sigma, case.init_noise_sigma),
+            "{what}: init_noise_sigma {} vs {}",
+            schedule.init_noise_sigma,
+            case.init_noise_sigma
+        );
     }
 }
 

@@ -23,7 +23,8 @@ fn unet_forward_matches_diffusers() {
             let get = |name: &str| &g[&format!("{prefix}{name}")];
             let timestep = values(get("timestep"))[0];
             let ids = time_ids(get("time_ids"));
-            let cond = Conditioning { context: get("encoder_hidden_states"), text_embeds: get("text_embeds"), time_ids: &ids };
+            let cond =
+                Conditioning { context: get("encoder_hidden_states"), text_embeds: get("text_embeds"), time_ids: &ids };
             let output = unet.forward(get("sample"), timestep, &cond).expect("forward");
             assert_close(&format!("{model} {prefix}output"), &output, get("output"), TOL);
         }

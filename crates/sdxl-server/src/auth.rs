@@ -31,7 +31,8 @@ impl ApiKeys {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
             .ok_or(ApiError::Unauthorized)?;
-        let matched = self.0.iter().fold(0u8, |found, key| found | key.as_slice().ct_eq(presented.as_bytes()).unwrap_u8());
+        let matched =
+            self.0.iter().fold(0u8, |found, key| found | key.as_slice().ct_eq(presented.as_bytes()).unwrap_u8());
         if matched == 1 {
             Ok(())
         } else {

@@ -21,7 +21,9 @@ pub fn install() -> PrometheusHandle {
             let handle = recorder.handle();
             // Another recorder may already be installed (by an embedding program); then
             // this one renders nothing, which is better than failing to start.
-            let _ = metrics::set_global_recorder(recorder);
+            if metrics::set_global_recorder(recorder).is_ok() {
+                sdxl_engine::metric_names::describe();
+            }
             handle
         })
         .clone()

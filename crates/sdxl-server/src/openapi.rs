@@ -22,7 +22,10 @@ pub fn document(config: &ServerConfig) -> Document {
     if let Some(components) = doc.components.as_mut() {
         for name in ["RunRequest", "ImagesRequest"] {
             if let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(name) {
-                for (field, value) in [("num_steps", serde_json::json!(config.default_steps)), ("guidance", serde_json::json!(config.default_guidance))] {
+                for (field, value) in [
+                    ("num_steps", serde_json::json!(config.default_steps)),
+                    ("guidance", serde_json::json!(config.default_guidance)),
+                ] {
                     if let Some(RefOr::T(Schema::Object(property))) = object.properties.get_mut(field) {
                         property.default = Some(value);
                     }
@@ -41,12 +44,20 @@ fn paths() -> utoipa::openapi::Paths {
     use utoipa::openapi::{ContentBuilder, ResponseBuilder};
     let json_body = |schema: &str| {
         RequestBodyBuilder::new()
-            .content("application/json", ContentBuilder::new().schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(schema)))).build())
+            .content(
+                "application/json",
+                ContentBuilder::new().schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(schema)))).build(),
+            )
             .required(Some(utoipa::openapi::Required::True))
             .build()
     };
-    let png = ResponseBuilder::new().description("The generated image").content("image/png", ContentBuilder::new().build()).build();
-    let error = ResponseBuilder::new().description("Error envelope: {result: null, success: false, errors: [{code, message}], messages: []}").build();
+    let png = ResponseBuilder::new()
+        .description("The generated image")
+        .content("image/png", ContentBuilder::new().build())
+        .build();
+    let error = ResponseBuilder::new()
+        .description("Error envelope: {result: null, success: false, errors: [{code, message}], messages: []}")
+        .build();
     let run = || {
         OperationBuilder::new()
             .summary(Some("Generate an image (Workers AI)"))
@@ -67,14 +78,30 @@ fn paths() -> utoipa::openapi::Paths {
             "200",
             ResponseBuilder::new()
                 .description("The images")
-                .content("application/json", ContentBuilder::new().schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name("ImagesResponse")))).build())
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name("ImagesResponse"))))
+                        .build(),
+                )
                 .build(),
         )
         .build();
-    let simple = |summary: &str| OperationBuilder::new().summary(Some(summary)).response("200", ResponseBuilder::new().description("OK").build()).build();
+    let simple = |summary: &str| {
+        OperationBuilder::new()
+            .summary(Some(summary))
+            .response("200", ResponseBuilder::new().description("OK").build())
+            .build()
+    };
     PathsBuilder::new()
-        .path("/client/v4/accounts/{account_id}/ai/run/@cf/bytedance/stable-diffusion-xl-lightning", utoipa::openapi::PathItem::new(HttpMethod::Post, run()))
-        .path("/ai/run/@cf/bytedance/stable-diffusion-xl-lightning", utoipa::openapi::PathItem::new(HttpMethod::Post, run()))
+        .path(
+            "/client/v4/accounts/{account_id}/ai/run/@cf/bytedance/stable-diffusion-xl-lightning",
+            utoipa::openapi::PathItem::new(HttpMethod::Post, run()),
+        )
+        .path(
+            "/ai/run/@cf/bytedance/stable-diffusion-xl-lightning",
+            utoipa::openapi::PathItem::new(HttpMethod::Post, run()),
+        )
         .path("/v1/images/generations", utoipa::openapi::PathItem::new(HttpMethod::Post, images))
         .path("/health", utoipa::openapi::PathItem::new(HttpMethod::Get, simple("Liveness")))
         .path("/ready", utoipa::openapi::PathItem::new(HttpMethod::Get, simple("Readiness")))

@@ -62,7 +62,9 @@ impl<'de> Deserialize<'de> for ByteArray {
                 let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
                 while let Some(value) = seq.next_element::<f64>()? {
                     if value.fract() != 0.0 || !(0.0..=255.0).contains(&value) {
-                        return Err(de::Error::custom(format!("items must be integers between 0 and 255, got {value}")));
+                        return Err(de::Error::custom(format!(
+                            "items must be integers between 0 and 255, got {value}"
+                        )));
                     }
                     bytes.push(value as u8);
                 }
@@ -95,7 +97,8 @@ pub fn decode_base64(field: &str, text: &str) -> Result<Vec<u8>, ApiError> {
     };
     let engine = base64::engine::GeneralPurpose::new(
         &base64::alphabet::STANDARD,
-        base64::engine::GeneralPurposeConfig::new().with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
     );
     engine.decode(payload.trim()).map_err(|e| ApiError::BadRequest(format!("`{field}` is not valid base64: {e}")))
 }

@@ -63,7 +63,11 @@ impl Backend for SlowBackend {
                 return Err(sdxl_engine::Error::Cancelled);
             }
         }
-        Ok(RgbImage { width: request.width, height: request.height, pixels: vec![128; 3 * request.width * request.height] })
+        Ok(RgbImage {
+            width: request.width,
+            height: request.height,
+            pixels: vec![128; 3 * request.width * request.height],
+        })
     }
 }
 
@@ -88,7 +92,14 @@ fn png_to_rgb(bytes: &[u8]) -> image::RgbImage {
 
 /// What the engine (and so `sdxl generate`) produces for the same request.
 fn engine_png(raw: RawRequest) -> Vec<u8> {
-    let limits = Limits { default_side: 1024, min_side: 256, max_side: 2048, max_steps: 20, max_guidance: 30.0, steps_field: "num_steps" };
+    let limits = Limits {
+        default_side: 1024,
+        min_side: 256,
+        max_side: 2048,
+        max_steps: 20,
+        max_guidance: 30.0,
+        steps_field: "num_steps",
+    };
     let request = GenerateRequest::parse(raw, &limits).unwrap();
     let PipelineBackend(pipeline) = tiny_model();
     let image = sdxl_engine::generate::generate(&pipeline, &request, &mut |_| ControlFlow::Continue(())).unwrap();
@@ -179,7 +190,8 @@ async fn bad_requests_get_the_envelope_and_the_server_keeps_serving() {
     }
     let not_json = client.post(format!("{base}{RUN}")).bearer_auth("secret").body("{not json").send().await.unwrap();
     expect_error(not_json, StatusCode::BAD_REQUEST, 5006).await;
-    let wrong_token = client.post(format!("{base}{RUN}")).bearer_auth("guess").json(&json!({"prompt": "x"})).send().await.unwrap();
+    let wrong_token =
+        client.post(format!("{base}{RUN}")).bearer_auth("guess").json(&json!({"prompt": "x"})).send().await.unwrap();
     expect_error(wrong_token, StatusCode::UNAUTHORIZED, 10000).await;
     let no_token = client.post(format!("{base}{RUN}")).json(&json!({"prompt": "x"})).send().await.unwrap();
     expect_error(no_token, StatusCode::UNAUTHORIZED, 10000).await;
@@ -275,8 +287,10 @@ async fn openai_route_returns_n_images() {
     let answer: Value = response.json().await.unwrap();
     let data = answer["data"].as_array().unwrap();
     assert_eq!(data.len(), 2);
-    let images: Vec<Vec<u8>> =
-        data.iter().map(|d| base64::engine::general_purpose::STANDARD.decode(d["b64_json"].as_str().unwrap()).unwrap()).collect();
+    let images: Vec<Vec<u8>> = data
+        .iter()
+        .map(|d| base64::engine::general_purpose::STANDARD.decode(d["b64_json"].as_str().unwrap()).unwrap())
+        .collect();
     assert_ne!(images[0], images[1], "image i uses seed + i");
     let expected = tokio::task::spawn_blocking(|| engine_png(raw("a cat", 1, 6))).await.unwrap();
     assert_eq!(images[1], expected);
@@ -292,7 +306,13 @@ async fn metrics_and_openapi_describe_the_server() {
     let (base, _) = start(SlowBackend::new(Duration::ZERO), 2, config).await;
     assert_eq!(post(&base, RUN, json!({"prompt": "x", "width": 256, "height": 256})).await.status(), StatusCode::OK);
     let metrics = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
-    for name in ["sdxl_requests_total", "sdxl_queue_depth", "sdxl_generation_seconds", "sdxl_step_seconds", "sdxl_queue_wait_seconds"] {
+    for name in [
+        "sdxl_requests_total",
+        "sdxl_queue_depth",
+        "sdxl_generation_seconds",
+        "sdxl_step_seconds",
+        "sdxl_queue_wait_seconds",
+    ] {
         assert!(metrics.contains(name), "{name} missing from {metrics}");
     }
     let doc: Value = reqwest::get(format!("{base}/openapi.json")).await.unwrap().json().await.unwrap();

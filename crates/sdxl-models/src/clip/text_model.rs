@@ -169,7 +169,10 @@ impl ClipTextModel {
         let config_path = dir.join("config.json");
         let cfg: ClipTextConfig = read_json(&config_path)?;
         if cfg.num_hidden_layers < 2 {
-            return Err(Error::config(&config_path, "`num_hidden_layers` must be at least 2 (SDXL uses the penultimate layer)"));
+            return Err(Error::config(
+                &config_path,
+                "`num_hidden_layers` must be at least 2 (SDXL uses the penultimate layer)",
+            ));
         }
         if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(Error::config(&config_path, "`hidden_size` must be a multiple of `num_attention_heads`"));
@@ -203,9 +206,8 @@ impl ClipTextModel {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| EncoderLayer::new(tm.pp("encoder").pp("layers").pp(i), cfg, act))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let text_projection = projection_dim
-            .map(|p| linear_no_bias(cfg.hidden_size, p, vb.pp("text_projection")))
-            .transpose()?;
+        let text_projection =
+            projection_dim.map(|p| linear_no_bias(cfg.hidden_size, p, vb.pp("text_projection"))).transpose()?;
         Ok(Self {
             token_embedding: embedding(cfg.vocab_size, cfg.hidden_size, emb.pp("token_embedding"))?,
             position_embedding: embedding(cfg.max_position_embeddings, cfg.hidden_size, emb.pp("position_embedding"))?,
@@ -233,7 +235,9 @@ impl ClipTextModel {
         let batch = ids.len();
         let len = ids.first().map_or(0, Vec::len);
         if batch == 0 || len == 0 || ids.iter().any(|row| row.len() != len) {
-            return Err(Error::InvalidArgument("text encoder: token rows must be non-empty and of equal length".into()));
+            return Err(Error::InvalidArgument(
+                "text encoder: token rows must be non-empty and of equal length".into(),
+            ));
         }
         let vocab = self.token_embedding.embeddings().dim(0)?;
         if let Some(bad) = ids.iter().flatten().find(|&&t| t as usize >= vocab) {
@@ -241,18 +245,14 @@ impl ClipTextModel {
         }
         let max_positions = self.position_embedding.embeddings().dim(0)?;
         if len > max_positions {
-            return Err(Error::InvalidArgument(format!(
-                "{len} tokens exceed the encoder's {max_positions} positions"
-            )));
+            return Err(Error::InvalidArgument(format!("{len} tokens exceed the encoder's {max_positions} positions")));
         }
         let flat: Vec<u32> = ids.iter().flatten().copied().collect();
         let input = Tensor::from_vec(flat, (batch, len), &self.device)?;
         let positions = Tensor::arange(0u32, len as u32, &self.device)?;
         // [B,L,D] + [L,D]
-        let mut x = self
-            .token_embedding
-            .forward(&input)?
-            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mut x =
+            self.token_embedding.forward(&input)?.broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = causal_mask(len, x.dtype(), &self.device)?;
         let (last, rest) = self.layers.split_last().expect("config check guarantees at least two layers");
         for layer in rest {
@@ -290,8 +290,6 @@ impl ClipTextModel {
 
 /// Additive causal mask [L, L]: 0 on and below the diagonal, the dtype's minimum above.
 fn causal_mask(len: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-    let data: Vec<f32> = (0..len)
-        .flat_map(|i| (0..len).map(move |j| if j > i { f32::MIN } else { 0.0 }))
-        .collect();
+    let data: Vec<f32> = (0..len).flat_map(|i| (0..len).map(move |j| if j > i { f32::MIN } else { 0.0 })).collect();
     Tensor::from_vec(data, (len, len), device)?.to_dtype(dtype)
 }

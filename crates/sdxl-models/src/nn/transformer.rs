@@ -74,7 +74,8 @@ impl BasicTransformerBlock {
     fn new(vb: VarBuilder, cfg: &TransformerConfig) -> candle_core::Result<Self> {
         let dim = cfg.channels;
         let head_dim = dim / cfg.heads;
-        let attention = |context_dim| AttentionConfig { query_dim: dim, context_dim, heads: cfg.heads, head_dim, qkv_bias: false };
+        let attention =
+            |context_dim| AttentionConfig { query_dim: dim, context_dim, heads: cfg.heads, head_dim, qkv_bias: false };
         Ok(Self {
             norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
             attn1: Attention::new(vb.pp("attn1"), &attention(dim))?,

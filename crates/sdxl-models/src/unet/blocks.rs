@@ -33,7 +33,14 @@ impl Shared {
     }
 
     fn transformer(&self, channels: usize, heads: usize, depth: usize, context_dim: usize) -> TransformerConfig {
-        TransformerConfig { channels, heads, depth, context_dim, groups: self.groups, use_linear_projection: self.use_linear_projection }
+        TransformerConfig {
+            channels,
+            heads,
+            depth,
+            context_dim,
+            groups: self.groups,
+            use_linear_projection: self.use_linear_projection,
+        }
     }
 }
 
@@ -67,13 +74,26 @@ impl DownBlock {
             .collect::<candle_core::Result<_>>()?;
         let downsampler = plan
             .resample
-            .then(|| Downsample2D::new(vb.pp("downsamplers").pp(0), plan.out_channels, plan.out_channels, shared.downsample_padding))
+            .then(|| {
+                Downsample2D::new(
+                    vb.pp("downsamplers").pp(0),
+                    plan.out_channels,
+                    plan.out_channels,
+                    shared.downsample_padding,
+                )
+            })
             .transpose()?;
         Ok(Self { resnets, attentions: transformers(&vb, plan, shared)?, downsampler })
     }
 
     /// Returns the block's output and appends every intermediate state to `skips`.
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor, skips: &mut Vec<Tensor>) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        skips: &mut Vec<Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let mut h = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             h = resnet.forward(&h, Some(temb))?;
@@ -97,10 +117,18 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
-    pub fn new(vb: VarBuilder, channels: usize, (depth, heads, context_dim): (usize, usize, usize), scale: f64, shared: &Shared) -> candle_core::Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        (depth, heads, context_dim): (usize, usize, usize),
+        scale: f64,
+        shared: &Shared,
+    ) -> candle_core::Result<Self> {
         let cfg = shared.resnet(channels, channels, scale);
         Ok(Self {
-            resnets: (0..2).map(|i| ResnetBlock2D::new(vb.pp("resnets").pp(i), &cfg)).collect::<candle_core::Result<_>>()?,
+            resnets: (0..2)
+                .map(|i| ResnetBlock2D::new(vb.pp("resnets").pp(i), &cfg))
+                .collect::<candle_core::Result<_>>()?,
             attentions: vec![Transformer2DModel::new(
                 vb.pp("attentions").pp(0),
                 &shared.transformer(channels, heads, depth, context_dim),

@@ -95,22 +95,54 @@ impl Default for PerLevel<bool> {
     }
 }
 
-fn four() -> usize { 4 }
-fn three() -> usize { 3 }
-fn one() -> usize { 1 }
-fn eight() -> PerLevel<usize> { PerLevel::Same(8) }
-fn two() -> PerLevel<usize> { PerLevel::Same(2) }
-fn one_f() -> f64 { 1.0 }
-fn yes() -> bool { true }
-fn eps() -> f64 { 1e-5 }
-fn thirty_two() -> usize { 32 }
-fn cross_dim() -> PerLevel<usize> { PerLevel::Same(1280) }
-fn one_layer() -> PerLevel<PerLevel<usize>> { PerLevel::Same(PerLevel::Same(1)) }
-fn silu() -> String { "silu".into() }
-fn positional() -> String { "positional".into() }
-fn default_shift() -> String { "default".into() }
-fn default_attention_type() -> String { "default".into() }
-fn default_mid() -> Option<String> { Some("UNetMidBlock2DCrossAttn".into()) }
+fn four() -> usize {
+    4
+}
+fn three() -> usize {
+    3
+}
+fn one() -> usize {
+    1
+}
+fn eight() -> PerLevel<usize> {
+    PerLevel::Same(8)
+}
+fn two() -> PerLevel<usize> {
+    PerLevel::Same(2)
+}
+fn one_f() -> f64 {
+    1.0
+}
+fn yes() -> bool {
+    true
+}
+fn eps() -> f64 {
+    1e-5
+}
+fn thirty_two() -> usize {
+    32
+}
+fn cross_dim() -> PerLevel<usize> {
+    PerLevel::Same(1280)
+}
+fn one_layer() -> PerLevel<PerLevel<usize>> {
+    PerLevel::Same(PerLevel::Same(1))
+}
+fn silu() -> String {
+    "silu".into()
+}
+fn positional() -> String {
+    "positional".into()
+}
+fn default_shift() -> String {
+    "default".into()
+}
+fn default_attention_type() -> String {
+    "default".into()
+}
+fn default_mid() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
 
 /// One level of the down path (or, mirrored, of the up path).
 #[derive(Debug, Clone)]
@@ -186,10 +218,19 @@ impl UNetConfig {
         let channels = &self.block_out_channels;
         for (i, (&c, &h)) in channels.iter().zip(&heads).enumerate() {
             if c % self.norm_num_groups != 0 {
-                return Err(Error::config(path, format!("`block_out_channels[{i}]` = {c} is not a multiple of `norm_num_groups` = {}", self.norm_num_groups)));
+                return Err(Error::config(
+                    path,
+                    format!(
+                        "`block_out_channels[{i}]` = {c} is not a multiple of `norm_num_groups` = {}",
+                        self.norm_num_groups
+                    ),
+                ));
             }
             if h == 0 || c % h != 0 {
-                return Err(Error::config(path, format!("`block_out_channels[{i}]` = {c} is not a multiple of its head count {h}")));
+                return Err(Error::config(
+                    path,
+                    format!("`block_out_channels[{i}]` = {c} is not a multiple of its head count {h}"),
+                ));
             }
         }
 
@@ -252,7 +293,9 @@ impl UNetConfig {
         let text_time = match self.addition_embed_type.as_deref() {
             None => None,
             Some("text_time") => {
-                let dim = self.addition_time_embed_dim.ok_or_else(|| Error::config(path, "`text_time` needs `addition_time_embed_dim`"))?;
+                let dim = self
+                    .addition_time_embed_dim
+                    .ok_or_else(|| Error::config(path, "`text_time` needs `addition_time_embed_dim`"))?;
                 let input = self
                     .projection_class_embeddings_input_dim
                     .ok_or_else(|| Error::config(path, "`text_time` needs `projection_class_embeddings_input_dim`"))?;
@@ -261,13 +304,7 @@ impl UNetConfig {
             Some(other) => return Err(Error::config(path, format!("unsupported `addition_embed_type` {other:?}"))),
         };
 
-        Ok(UNetPlan {
-            down,
-            mid,
-            up,
-            time_embed_dim: self.time_embedding_dim.unwrap_or(channels[0] * 4),
-            text_time,
-        })
+        Ok(UNetPlan { down, mid, up, time_embed_dim: self.time_embedding_dim.unwrap_or(channels[0] * 4), text_time })
     }
 
     fn reject_unsupported(&self, path: &Path) -> Result<()> {

@@ -6,7 +6,13 @@ use candle_nn::{linear, Linear, VarBuilder};
 
 /// `get_timestep_embedding(t, dim, flip_sin_to_cos, downscale_freq_shift)` in f32:
 /// `[N] -> [N, dim]`, with frequencies `exp(-ln(10000)·i / (dim/2 - shift))`.
-pub fn timestep_features(values: &[f32], dim: usize, flip_sin_to_cos: bool, freq_shift: f64, device: &Device) -> candle_core::Result<Tensor> {
+pub fn timestep_features(
+    values: &[f32],
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let half = dim / 2;
     // exponent = -math.log(max_period) * arange(half, float32) / (half - shift), all in f32
     let log_period = -(10000f64.ln()) as f32;
@@ -37,7 +43,10 @@ pub struct TimestepEmbedding {
 
 impl TimestepEmbedding {
     pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> candle_core::Result<Self> {
-        Ok(Self { linear_1: linear(in_dim, out_dim, vb.pp("linear_1"))?, linear_2: linear(out_dim, out_dim, vb.pp("linear_2"))? })
+        Ok(Self {
+            linear_1: linear(in_dim, out_dim, vb.pp("linear_1"))?,
+            linear_2: linear(out_dim, out_dim, vb.pp("linear_2"))?,
+        })
     }
 
     /// `[N, in] -> [N, out]`, computed in `dtype`.

@@ -64,7 +64,13 @@ impl UNet {
         Ok(unet)
     }
 
-    fn new(vb: VarBuilder, config: UNetConfig, plan: &UNetPlan, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        config: UNetConfig,
+        plan: &UNetPlan,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
         let channels = &config.block_out_channels;
         let c0 = channels[0];
         let shared = Shared {
@@ -91,7 +97,15 @@ impl UNet {
             .collect::<candle_core::Result<_>>()?;
         let mid_block = plan
             .mid
-            .map(|mid| MidBlock::new(vb.pp("mid_block"), channels[channels.len() - 1], mid, config.mid_block_scale_factor, &shared))
+            .map(|mid| {
+                MidBlock::new(
+                    vb.pp("mid_block"),
+                    channels[channels.len() - 1],
+                    mid,
+                    config.mid_block_scale_factor,
+                    &shared,
+                )
+            })
             .transpose()?;
         let up_blocks = plan
             .up
@@ -100,14 +114,28 @@ impl UNet {
             .map(|(i, level)| UpBlock::new(vb.pp("up_blocks").pp(i), level, &shared))
             .collect::<candle_core::Result<_>>()?;
         Ok(Self {
-            conv_in: conv2d(config.in_channels, c0, config.conv_in_kernel, 1, (config.conv_in_kernel - 1) / 2, vb.pp("conv_in"))?,
+            conv_in: conv2d(
+                config.in_channels,
+                c0,
+                config.conv_in_kernel,
+                1,
+                (config.conv_in_kernel - 1) / 2,
+                vb.pp("conv_in"),
+            )?,
             time_embedding: TimestepEmbedding::new(vb.pp("time_embedding"), c0, plan.time_embed_dim)?,
             text_time,
             down_blocks,
             mid_block,
             up_blocks,
             conv_norm_out: group_norm(config.norm_num_groups, c0, config.norm_eps, vb.pp("conv_norm_out"))?,
-            conv_out: conv2d(c0, config.out_channels, config.conv_out_kernel, 1, (config.conv_out_kernel - 1) / 2, vb.pp("conv_out"))?,
+            conv_out: conv2d(
+                c0,
+                config.out_channels,
+                config.conv_out_kernel,
+                1,
+                (config.conv_out_kernel - 1) / 2,
+                vb.pp("conv_out"),
+            )?,
             config,
             dtype,
             device: device.clone(),
@@ -130,11 +158,14 @@ impl UNet {
         let cfg = &self.config;
         let c0 = cfg.block_out_channels[0];
         // t_emb = time_proj(timesteps).to(sample.dtype); emb = time_embedding(t_emb)
-        let features = timestep_features(&vec![timestep; batch], c0, cfg.flip_sin_to_cos, cfg.freq_shift, &self.device)?;
+        let features =
+            timestep_features(&vec![timestep; batch], c0, cfg.flip_sin_to_cos, cfg.freq_shift, &self.device)?;
         let mut emb = self.time_embedding.forward(&features, self.dtype)?;
         if let Some(tt) = &self.text_time {
             if cond.time_ids.len() != batch || cond.text_embeds.dim(0)? != batch {
-                return Err(Error::InvalidArgument(format!("unet: conditioning batch differs from sample batch {batch}")));
+                return Err(Error::InvalidArgument(format!(
+                    "unet: conditioning batch differs from sample batch {batch}"
+                )));
             }
             let pooled_dim = cond.text_embeds.dim(1)?;
             if Some(pooled_dim) != self.text_embeds_dim() {

@@ -21,8 +21,17 @@ struct SpatialAttention {
 
 impl SpatialAttention {
     fn new(vb: VarBuilder, channels: usize, groups: usize) -> candle_core::Result<Self> {
-        let cfg = AttentionConfig { query_dim: channels, context_dim: channels, heads: 1, head_dim: channels, qkv_bias: true };
-        Ok(Self { group_norm: group_norm(groups, channels, EPS, vb.pp("group_norm"))?, attention: Attention::new(vb, &cfg)? })
+        let cfg = AttentionConfig {
+            query_dim: channels,
+            context_dim: channels,
+            heads: 1,
+            head_dim: channels,
+            qkv_bias: true,
+        };
+        Ok(Self {
+            group_norm: group_norm(groups, channels, EPS, vb.pp("group_norm"))?,
+            attention: Attention::new(vb, &cfg)?,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -42,11 +51,28 @@ pub(super) struct MidBlock {
 }
 
 impl MidBlock {
-    pub(super) fn new(vb: VarBuilder, channels: usize, groups: usize, add_attention: bool) -> candle_core::Result<Self> {
-        let cfg = ResnetConfig { in_channels: channels, out_channels: channels, temb_channels: None, groups, eps: EPS, output_scale_factor: 1.0 };
+    pub(super) fn new(
+        vb: VarBuilder,
+        channels: usize,
+        groups: usize,
+        add_attention: bool,
+    ) -> candle_core::Result<Self> {
+        let cfg = ResnetConfig {
+            in_channels: channels,
+            out_channels: channels,
+            temb_channels: None,
+            groups,
+            eps: EPS,
+            output_scale_factor: 1.0,
+        };
         Ok(Self {
-            resnets: [ResnetBlock2D::new(vb.pp("resnets").pp(0), &cfg)?, ResnetBlock2D::new(vb.pp("resnets").pp(1), &cfg)?],
-            attention: add_attention.then(|| SpatialAttention::new(vb.pp("attentions").pp(0), channels, groups)).transpose()?,
+            resnets: [
+                ResnetBlock2D::new(vb.pp("resnets").pp(0), &cfg)?,
+                ResnetBlock2D::new(vb.pp("resnets").pp(1), &cfg)?,
+            ],
+            attention: add_attention
+                .then(|| SpatialAttention::new(vb.pp("attentions").pp(0), channels, groups))
+                .transpose()?,
         })
     }
 
@@ -75,7 +101,14 @@ pub struct Decoder {
 impl Decoder {
     pub fn new(vb: VarBuilder, cfg: &VaeConfig) -> candle_core::Result<Self> {
         let groups = cfg.norm_num_groups;
-        let resnet = |cin, cout| ResnetConfig { in_channels: cin, out_channels: cout, temb_channels: None, groups, eps: EPS, output_scale_factor: 1.0 };
+        let resnet = |cin, cout| ResnetConfig {
+            in_channels: cin,
+            out_channels: cout,
+            temb_channels: None,
+            groups,
+            eps: EPS,
+            output_scale_factor: 1.0,
+        };
         let reversed: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
         let top = reversed[0];
         let mut up_blocks = Vec::with_capacity(reversed.len());
@@ -85,7 +118,8 @@ impl Decoder {
             let resnets = (0..cfg.layers_per_block + 1)
                 .map(|j| ResnetBlock2D::new(ub.pp("resnets").pp(j), &resnet(if j == 0 { prev } else { out }, out)))
                 .collect::<candle_core::Result<_>>()?;
-            let upsampler = (i + 1 < reversed.len()).then(|| Upsample2D::new(ub.pp("upsamplers").pp(0), out, out)).transpose()?;
+            let upsampler =
+                (i + 1 < reversed.len()).then(|| Upsample2D::new(ub.pp("upsamplers").pp(0), out, out)).transpose()?;
             up_blocks.push(UpDecoderBlock { resnets, upsampler });
             prev = out;
         }

@@ -31,7 +31,14 @@ impl Encoder {
     pub fn new(vb: VarBuilder, cfg: &VaeConfig) -> candle_core::Result<Self> {
         let groups = cfg.norm_num_groups;
         let channels = &cfg.block_out_channels;
-        let resnet = |cin, cout| ResnetConfig { in_channels: cin, out_channels: cout, temb_channels: None, groups, eps: EPS, output_scale_factor: 1.0 };
+        let resnet = |cin, cout| ResnetConfig {
+            in_channels: cin,
+            out_channels: cout,
+            temb_channels: None,
+            groups,
+            eps: EPS,
+            output_scale_factor: 1.0,
+        };
         let mut down_blocks = Vec::with_capacity(channels.len());
         let mut prev = channels[0];
         for (i, &out) in channels.iter().enumerate() {
@@ -40,8 +47,9 @@ impl Encoder {
                 .map(|j| ResnetBlock2D::new(db.pp("resnets").pp(j), &resnet(if j == 0 { prev } else { out }, out)))
                 .collect::<candle_core::Result<_>>()?;
             // downsample_padding=0: pad (0,1,0,1), then a 3×3 stride-2 conv
-            let downsampler =
-                (i + 1 < channels.len()).then(|| Downsample2D::new(db.pp("downsamplers").pp(0), out, out, 0)).transpose()?;
+            let downsampler = (i + 1 < channels.len())
+                .then(|| Downsample2D::new(db.pp("downsamplers").pp(0), out, out, 0))
+                .transpose()?;
             down_blocks.push(DownEncoderBlock { resnets, downsampler });
             prev = out;
         }

@@ -56,13 +56,27 @@ pub struct VaeConfig {
     pub mid_block_add_attention: bool,
 }
 
-fn three() -> usize { 3 }
-fn four() -> usize { 4 }
-fn one() -> usize { 1 }
-fn thirty_two() -> usize { 32 }
-fn default_scaling() -> f64 { 0.18215 }
-fn silu() -> String { "silu".into() }
-fn yes() -> bool { true }
+fn three() -> usize {
+    3
+}
+fn four() -> usize {
+    4
+}
+fn one() -> usize {
+    1
+}
+fn thirty_two() -> usize {
+    32
+}
+fn default_scaling() -> f64 {
+    0.18215
+}
+fn silu() -> String {
+    "silu".into()
+}
+fn yes() -> bool {
+    true
+}
 
 impl VaeConfig {
     /// `2^(len(block_out_channels) - 1)`: pixels per latent cell along each axis.
@@ -80,9 +94,10 @@ impl VaeConfig {
         if self.latents_mean.is_some() || self.latents_std.is_some() {
             return Err(Error::config(path, "`latents_mean`/`latents_std` are not supported"));
         }
-        for (key, types, supported) in
-            [("up_block_types", &self.up_block_types, "UpDecoderBlock2D"), ("down_block_types", &self.down_block_types, "DownEncoderBlock2D")]
-        {
+        for (key, types, supported) in [
+            ("up_block_types", &self.up_block_types, "UpDecoderBlock2D"),
+            ("down_block_types", &self.down_block_types, "DownEncoderBlock2D"),
+        ] {
             if let Some(kind) = types.iter().find(|k| *k != supported) {
                 return Err(Error::config(path, format!("unsupported entry {kind:?} in `{key}`")));
             }
@@ -91,7 +106,10 @@ impl VaeConfig {
             }
         }
         if let Some(c) = self.block_out_channels.iter().find(|&&c| c % self.norm_num_groups != 0) {
-            return Err(Error::config(path, format!("channel count {c} is not a multiple of `norm_num_groups` = {}", self.norm_num_groups)));
+            return Err(Error::config(
+                path,
+                format!("channel count {c} is not a multiple of `norm_num_groups` = {}", self.norm_num_groups),
+            ));
         }
         Ok(())
     }
@@ -118,8 +136,14 @@ impl Vae {
             let l = config.latent_channels;
             Ok(Self {
                 encoder: Encoder::new(vb.pp("encoder"), &config)?,
-                quant_conv: config.use_quant_conv.then(|| conv2d(2 * l, 2 * l, 1, 1, 0, vb.pp("quant_conv"))).transpose()?,
-                post_quant_conv: config.use_post_quant_conv.then(|| conv2d(l, l, 1, 1, 0, vb.pp("post_quant_conv"))).transpose()?,
+                quant_conv: config
+                    .use_quant_conv
+                    .then(|| conv2d(2 * l, 2 * l, 1, 1, 0, vb.pp("quant_conv")))
+                    .transpose()?,
+                post_quant_conv: config
+                    .use_post_quant_conv
+                    .then(|| conv2d(l, l, 1, 1, 0, vb.pp("post_quant_conv")))
+                    .transpose()?,
                 decoder: Decoder::new(vb.pp("decoder"), &config)?,
                 config: config.clone(),
             })

@@ -24,7 +24,8 @@ pub const MODELS: [&str; 2] = ["tiny-sdxl", "tiny-2level-fp16"];
 /// All tensors of a golden safetensors file, on the CPU.
 pub fn golden(relative: &str) -> HashMap<String, Tensor> {
     let path = fixtures().join("golden").join(relative);
-    candle_core::safetensors::load(&path, &Device::Cpu).unwrap_or_else(|e| panic!("cannot load {}: {e}", path.display()))
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("cannot load {}: {e}", path.display()))
 }
 
 /// Reads a tensor as f32 values.
@@ -39,8 +40,9 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tol: Tol) {
     let mut worst = (0usize, 0f32);
     for (i, (&x, &y)) in a.iter().zip(&e).enumerate() {
         let excess = (x - y).abs() - (tol.atol + tol.rtol * y.abs());
-        if !(excess <= worst.1) && (excess > 0.0 || excess.is_nan()) {
-            worst = (i, if excess.is_nan() { f32::INFINITY } else { excess });
+        let excess = if excess.is_nan() { f32::INFINITY } else { excess };
+        if excess > 0.0 && excess > worst.1 {
+            worst = (i, excess);
         }
     }
     let (i, excess) = worst;

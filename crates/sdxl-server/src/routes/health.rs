@@ -19,7 +19,10 @@ pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     if state.draining() {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "draining" })))
     } else {
-        (StatusCode::OK, Json(json!({ "status": "ready", "queue_waiting": state.queue().waiting(), "busy": state.queue().busy() })))
+        (
+            StatusCode::OK,
+            Json(json!({ "status": "ready", "queue_waiting": state.queue().waiting(), "busy": state.queue().busy() })),
+        )
     }
 }
 

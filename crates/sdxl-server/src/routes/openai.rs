@@ -76,7 +76,11 @@ impl IntoResponse for OpenAiError {
     }
 }
 
-pub async fn generations(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Json<ImagesResponse>, OpenAiError> {
+pub async fn generations(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<ImagesResponse>, OpenAiError> {
     state.inner.keys.check(&headers)?;
     let body = read_body(body, state.config().body_limit).await?;
     let wire: ImagesRequest = parse_json(&body)?;

@@ -17,7 +17,14 @@ use crate::{AppState, MODEL_ID};
 
 /// The bounds of the Workers AI schema.
 pub fn server_limits() -> Limits {
-    Limits { default_side: 1024, min_side: 256, max_side: 2048, max_steps: 20, max_guidance: 30.0, steps_field: "num_steps" }
+    Limits {
+        default_side: 1024,
+        min_side: 256,
+        max_side: 2048,
+        max_steps: 20,
+        max_guidance: 30.0,
+        steps_field: "num_steps",
+    }
 }
 
 /// The account-scoped route (the account id is accepted and ignored).
@@ -57,7 +64,9 @@ async fn run(state: AppState, model: &str, headers: &HeaderMap, body: Body) -> R
 pub async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes().to_vec()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::PayloadTooLarge(limit)),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(ApiError::PayloadTooLarge(limit))
+        }
         Err(e) => Err(ApiError::BadRequest(format!("cannot read the request body: {e}"))),
     }
 }
@@ -68,7 +77,9 @@ fn to_request(wire: RunRequest, state: &AppState) -> Result<(GenerateRequest, u6
         return Err(ApiError::BadRequest("`prompt` must be at least 1 character long".into()));
     }
     let image = match (wire.image, wire.image_b64) {
-        (Some(_), Some(_)) => return Err(ApiError::BadRequest("`image` and `image_b64` are mutually exclusive".into())),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest("`image` and `image_b64` are mutually exclusive".into()))
+        }
         (Some(bytes), None) => Some(bytes.0),
         (None, Some(text)) => Some(decode_base64("image_b64", &text)?),
         (None, None) => None,
