@@ -1,6 +1,5 @@
 //! `sdxl serve`: load the model, start the worker, serve HTTP until SIGTERM or ctrl-c.
 
-use std::future::IntoFuture;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -107,10 +106,11 @@ async fn serve(args: ServeArgs, state: AppState) -> anyhow::Result<()> {
             signalled.notify_one();
         }
     };
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown);
+    let header_timeout = state.config().header_read_timeout;
+    let server = sdxl_server::serve(listener, app(state), header_timeout, shutdown);
     let grace = Duration::from_secs(args.shutdown_grace);
     tokio::select! {
-        result = server.into_future() => result?,
+        result = server => result?,
         _ = async { signalled.notified().await; tokio::time::sleep(grace).await } => {
             tracing::warn!("grace period over; exiting with work in flight");
         }

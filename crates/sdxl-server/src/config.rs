@@ -19,6 +19,8 @@ pub struct ServerConfig {
     pub body_limit: usize,
     /// How long a client may take to send its body.
     pub body_read_timeout: Duration,
+    /// How long a client may take to send its request line and headers.
+    pub header_read_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -31,6 +33,7 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(300),
             body_limit: 128 * 1024 * 1024,
             body_read_timeout: Duration::from_secs(60),
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+mod listener;
 pub mod metrics;
 pub mod openapi;
 mod routes;
@@ -18,6 +19,7 @@ use axum::Router;
 use sdxl_engine::queue::Queue;
 
 pub use config::ServerConfig;
+pub use listener::serve;
 
 /// The model id this server answers for.
 pub const MODEL_ID: &str = "@cf/bytedance/stable-diffusion-xl-lightning";

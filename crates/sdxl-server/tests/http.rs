@@ -321,3 +321,25 @@ async fn metrics_and_openapi_describe_the_server() {
     assert_eq!(properties["guidance"]["default"], json!(1.5));
     assert!(doc["paths"]["/v1/images/generations"].is_object());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_trickles_its_headers_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = ServerConfig { header_read_timeout: Duration::from_millis(200), ..ServerConfig::default() };
+    let queue = Queue::start(SlowBackend::new(Duration::ZERO), QueueConfig { capacity: 1 });
+    let state = AppState::new(queue, config.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(sdxl_server::serve(listener, app(state), config.header_read_timeout, std::future::pending()));
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let started = Instant::now();
+    let mut buffer = Vec::new();
+    // the server closes the connection (possibly after a 408) instead of waiting forever
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buffer)).await;
+    assert!(read.is_ok(), "connection still open after 5 s");
+    assert!(started.elapsed() >= Duration::from_millis(150), "closed too early");
+    // a well-behaved client is still served
+    let health = reqwest::get(format!("http://{address}/health")).await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+}
