@@ -32,6 +32,16 @@ pub struct Limits {
 
 impl Limits {
     /// `sdxl generate`: any size from 8 to 4096 pixels, 1 to 100 steps.
+    /// The Workers AI schema: 256–2048 pixels a side, 1–20 `num_steps`.
+    pub const SERVER: Limits = Limits {
+        default_side: 1024,
+        min_side: 256,
+        max_side: 2048,
+        max_steps: 20,
+        max_guidance: 30.0,
+        steps_field: "num_steps",
+    };
+
     pub const CLI: Limits = Limits {
         default_side: 1024,
         min_side: 8,

@@ -92,15 +92,7 @@ fn png_to_rgb(bytes: &[u8]) -> image::RgbImage {
 
 /// What the engine (and so `sdxl generate`) produces for the same request.
 fn engine_png(raw: RawRequest) -> Vec<u8> {
-    let limits = Limits {
-        default_side: 1024,
-        min_side: 256,
-        max_side: 2048,
-        max_steps: 20,
-        max_guidance: 30.0,
-        steps_field: "num_steps",
-    };
-    let request = GenerateRequest::parse(raw, &limits).unwrap();
+    let request = GenerateRequest::parse(raw, &Limits::SERVER).unwrap();
     let PipelineBackend(pipeline) = tiny_model();
     let image = sdxl_engine::generate::generate(&pipeline, &request, &mut |_| ControlFlow::Continue(())).unwrap();
     sdxl_engine::png::encode(&image).unwrap()

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
 
-use super::run::{check_pixels, execute, read_body, server_limits};
+use super::run::{check_pixels, execute, read_body};
 use crate::error::ApiError;
 use crate::wire::parse_json;
 use crate::AppState;
@@ -111,7 +111,8 @@ pub async fn generations(
         if raw.prompt.is_empty() {
             return Err(ApiError::BadRequest("`prompt` must be at least 1 character long".into()).into());
         }
-        let request = sdxl_engine::GenerateRequest::parse(raw, &server_limits()).map_err(ApiError::from_engine)?;
+        let request =
+            sdxl_engine::GenerateRequest::parse(raw, &sdxl_engine::Limits::SERVER).map_err(ApiError::from_engine)?;
         check_pixels(&request, config.max_pixels)?;
         let done = execute(&state, request).await?;
         let png = tokio::task::spawn_blocking(move || sdxl_engine::png::encode(&done.image))

@@ -15,18 +15,6 @@ use crate::error::ApiError;
 use crate::wire::{decode_base64, parse_json, RunRequest};
 use crate::{AppState, MODEL_ID};
 
-/// The bounds of the Workers AI schema.
-pub fn server_limits() -> Limits {
-    Limits {
-        default_side: 1024,
-        min_side: 256,
-        max_side: 2048,
-        max_steps: 20,
-        max_guidance: 30.0,
-        steps_field: "num_steps",
-    }
-}
-
 /// The account-scoped route (the account id is accepted and ignored).
 pub async fn account_route(
     State(state): State<AppState>,
@@ -98,7 +86,7 @@ fn to_request(wire: RunRequest, state: &AppState) -> Result<(GenerateRequest, u6
         mask: wire.mask.map(|m| m.0),
         strength: wire.strength,
     };
-    let request = GenerateRequest::parse(raw, &server_limits()).map_err(ApiError::from_engine)?;
+    let request = GenerateRequest::parse(raw, &Limits::SERVER).map_err(ApiError::from_engine)?;
     check_pixels(&request, config.max_pixels)?;
     Ok((request, seed))
 }
