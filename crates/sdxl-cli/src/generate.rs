@@ -68,6 +68,10 @@ pub struct GenerateArgs {
     /// Inpainting mask (white = repaint, black = keep); needs --image.
     #[arg(long)]
     mask: Option<PathBuf>,
+    /// UNet weights (diffusers key layout, e.g. ByteDance's sdxl_lightning_4step_unet.safetensors)
+    /// used instead of the model directory's; the architecture comes from its unet/config.json.
+    #[arg(long)]
+    unet: Option<PathBuf>,
     /// Compute dtype of the UNet and text encoders (the VAE always decodes in f32).
     #[arg(long, value_enum, default_value = "f32")]
     dtype: Dtype,
@@ -98,7 +102,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         &Limits::CLI,
     )?;
     let device = Device::Cpu;
-    let pipeline = sdxl_engine::model::load(&args.model, args.dtype.into(), &device)?;
+    let pipeline = sdxl_engine::model::load_with(
+        &args.model,
+        &sdxl_engine::model::Overrides { unet: args.unet.clone() },
+        args.dtype.into(),
+        &device,
+    )?;
     let show_progress = std::io::stderr().is_terminal();
     let image = sdxl_engine::generate::generate(&pipeline, &request, &mut |progress| {
         if show_progress {

@@ -44,6 +44,10 @@ pub struct ServeArgs {
     /// Largest width × height accepted.
     #[arg(long, env = "SDXL_MAX_PIXELS")]
     max_pixels: Option<usize>,
+    /// UNet weights (diffusers key layout, e.g. ByteDance's sdxl_lightning_4step_unet.safetensors)
+    /// used instead of the model directory's; the architecture comes from its unet/config.json.
+    #[arg(long, env = "SDXL_UNET")]
+    unet: Option<PathBuf>,
     /// Compute dtype of the UNet and text encoders.
     #[arg(long, env = "SDXL_DTYPE", value_enum, default_value = "f32")]
     dtype: Dtype,
@@ -65,7 +69,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::bail!("`--default-guidance` must be between 0 and 30, got {}", args.default_guidance);
     }
     let device = Device::Cpu;
-    let pipeline = sdxl_engine::model::load(&args.model, args.dtype.into(), &device)?;
+    let pipeline = sdxl_engine::model::load_with(
+        &args.model,
+        &sdxl_engine::model::Overrides { unet: args.unet.clone() },
+        args.dtype.into(),
+        &device,
+    )?;
     let queue = Queue::start(PipelineBackend(pipeline), QueueConfig { capacity: args.queue_capacity });
     let config = ServerConfig {
         api_keys: args.api_keys.clone(),

@@ -4,7 +4,7 @@
 //! `text_encoder_2/`, `tokenizer/`, `tokenizer_2/`, `scheduler/`; each model folder has a
 //! `config.json` and `*.safetensors` (or `*.fp16.safetensors`) weights.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use sdxl_models::clip::text_model::ClipTextModel;
@@ -13,6 +13,7 @@ use sdxl_models::pipeline::{Components, Pipeline};
 use sdxl_models::scheduler::EulerDiscrete;
 use sdxl_models::unet::UNet;
 use sdxl_models::vae::Vae;
+use sdxl_models::weights::Checkpoint;
 use serde::Deserialize;
 
 use crate::{Error, Result};
@@ -31,9 +32,22 @@ fn yes() -> bool {
     true
 }
 
+/// Where a model's parts come from beyond its directory.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// A UNet weights file (diffusers key layout) used instead of `unet/`'s weights; the
+    /// architecture still comes from `unet/config.json`.
+    pub unet: Option<PathBuf>,
+}
+
 /// Loads the SDXL model in `dir`, running the UNet and text encoders in `dtype` (the VAE
 /// always decodes in f32).
 pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Pipeline> {
+    load_with(dir, &Overrides::default(), dtype, device)
+}
+
+/// [`load`] with some parts taken from elsewhere.
+pub fn load_with(dir: &Path, overrides: &Overrides, dtype: DType, device: &Device) -> Result<Pipeline> {
     if device.is_cpu() && dtype == DType::BF16 {
         // candle's CPU backend has no bf16 matrix multiply
         return Err(Error::InvalidRequest("dtype bf16 is not supported on the CPU; use f32 or f16".into()));
@@ -58,7 +72,12 @@ pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Pipeline> {
         tokenizer_2: ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?,
         text_encoder: ClipTextModel::load(&dir.join("text_encoder"), false, dtype, device)?,
         text_encoder_2: ClipTextModel::load(&dir.join("text_encoder_2"), true, dtype, device)?,
-        unet: UNet::load(&dir.join("unet"), dtype, device)?,
+        unet: match &overrides.unet {
+            Some(file) => {
+                UNet::load_weights(&dir.join("unet"), Checkpoint::open_files(vec![file.clone()])?, dtype, device)?
+            }
+            None => UNet::load(&dir.join("unet"), dtype, device)?,
+        },
         vae: Vae::load(&dir.join("vae"), device)?,
         scheduler: EulerDiscrete::load(&dir.join("scheduler").join("scheduler_config.json"))?,
         force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,

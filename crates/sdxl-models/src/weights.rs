@@ -29,7 +29,19 @@ impl Checkpoint {
     /// `diffusion_pytorch_model` or `model`): `stem.safetensors`, else the `stem.fp16.safetensors`
     /// variant, else the shards listed by `stem[.fp16].safetensors.index.json`.
     pub fn open(dir: &Path, stem: &str) -> Result<Arc<Self>> {
-        let files = find_weight_files(dir, stem)?;
+        Self::open_files(find_weight_files(dir, stem)?)
+    }
+
+    /// Opens the given safetensors files (one checkpoint, possibly sharded).
+    pub fn open_files(files: Vec<PathBuf>) -> Result<Arc<Self>> {
+        if files.is_empty() {
+            return Err(Error::InvalidArgument("no weight files given".into()));
+        }
+        for file in &files {
+            if !file.is_file() {
+                return Err(Error::Weights { path: file.clone(), message: "no such file".into() });
+            }
+        }
         // SAFETY: the files are mapped read-only; as with every mmap-based loader, modifying
         // them while the process runs is undefined behaviour, which we document, not prevent.
         let tensors = unsafe { MmapedSafetensors::multi(&files) }

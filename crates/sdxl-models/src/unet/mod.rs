@@ -54,10 +54,20 @@ pub struct UNet {
 impl UNet {
     /// Loads `dir/config.json` and `dir/diffusion_pytorch_model[.fp16].safetensors`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_weights(dir, Checkpoint::open(dir, "diffusion_pytorch_model")?, dtype, device)
+    }
+
+    /// Loads the architecture from `dir/config.json` and the weights from `checkpoint`
+    /// (a separately distributed UNet file, such as ByteDance's Lightning UNets).
+    pub fn load_weights(
+        dir: &Path,
+        checkpoint: std::sync::Arc<Checkpoint>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let config_path = dir.join("config.json");
         let config = UNetConfig::load(&config_path)?;
         let plan = config.resolve(&config_path)?;
-        let checkpoint = Checkpoint::open(dir, "diffusion_pytorch_model")?;
         let vb = checkpoint.var_builder(dtype, device);
         let unet = Self::new(vb, config, &plan, dtype, device).map_err(|e| checkpoint.error(e))?;
         checkpoint.finish(&[])?;
