@@ -72,6 +72,10 @@ pub struct GenerateArgs {
     /// used instead of the model directory's; the architecture comes from its unet/config.json.
     #[arg(long)]
     unet: Option<PathBuf>,
+    /// Override the scheduler's prediction type (epsilon, sample, v_prediction); `sample` is
+    /// set automatically for ByteDance's 1-step x0 UNet.
+    #[arg(long)]
+    prediction_type: Option<String>,
     /// Compute dtype of the UNet and text encoders (the VAE always decodes in f32).
     #[arg(long, value_enum, default_value = "f32")]
     dtype: Dtype,
@@ -104,7 +108,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let device = Device::Cpu;
     let pipeline = sdxl_engine::model::load_with(
         &args.model,
-        &sdxl_engine::model::Overrides { unet: args.unet.clone() },
+        &sdxl_engine::model::Overrides { unet: args.unet.clone(), prediction_type: args.prediction_type.clone() },
         args.dtype.into(),
         &device,
     )?;

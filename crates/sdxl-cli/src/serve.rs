@@ -48,6 +48,10 @@ pub struct ServeArgs {
     /// used instead of the model directory's; the architecture comes from its unet/config.json.
     #[arg(long, env = "SDXL_UNET")]
     unet: Option<PathBuf>,
+    /// Override the scheduler's prediction type (epsilon, sample, v_prediction); `sample` is
+    /// set automatically for ByteDance's 1-step x0 UNet.
+    #[arg(long, env = "SDXL_PREDICTION_TYPE")]
+    prediction_type: Option<String>,
     /// Compute dtype of the UNet and text encoders.
     #[arg(long, env = "SDXL_DTYPE", value_enum, default_value = "f32")]
     dtype: Dtype,
@@ -71,7 +75,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let device = Device::Cpu;
     let pipeline = sdxl_engine::model::load_with(
         &args.model,
-        &sdxl_engine::model::Overrides { unet: args.unet.clone() },
+        &sdxl_engine::model::Overrides { unet: args.unet.clone(), prediction_type: args.prediction_type.clone() },
         args.dtype.into(),
         &device,
     )?;

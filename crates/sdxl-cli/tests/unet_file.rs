@@ -49,3 +49,26 @@ fn a_unet_file_of_another_shape_is_refused() {
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("tensor `") || stderr.contains("missing tensor"), "{stderr}");
 }
+
+#[test]
+fn a_prediction_type_override_changes_the_image_and_is_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png");
+    let model = fixtures().join("tiny-sdxl");
+    let unet = model.join("unet/diffusion_pytorch_model.safetensors");
+    let run = |prediction: &str| {
+        Command::new(env!("CARGO_BIN_EXE_sdxl"))
+            .args(["generate", "--model", model.to_str().unwrap(), "--unet", unet.to_str().unwrap()])
+            .args(["--prompt", "a cat", "--width", "64", "--height", "64", "--steps", "2", "--seed", "1"])
+            .args(["--prediction-type", prediction, "--output", out.to_str().unwrap()])
+            .output()
+            .expect("run sdxl")
+    };
+    assert!(run("epsilon").status.success());
+    let epsilon = std::fs::read(&out).unwrap();
+    assert!(run("sample").status.success());
+    assert_ne!(std::fs::read(&out).unwrap(), epsilon);
+    let bad = run("velocity");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unsupported `prediction_type`"));
+}

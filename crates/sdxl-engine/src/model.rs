@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 use sdxl_models::clip::text_model::ClipTextModel;
 use sdxl_models::clip::tokenizer::ClipTokenizer;
 use sdxl_models::pipeline::{Components, Pipeline};
-use sdxl_models::scheduler::EulerDiscrete;
+use sdxl_models::scheduler::{EulerDiscrete, SchedulerConfig};
 use sdxl_models::unet::UNet;
 use sdxl_models::vae::Vae;
 use sdxl_models::weights::Checkpoint;
@@ -38,6 +38,22 @@ pub struct Overrides {
     /// A UNet weights file (diffusers key layout) used instead of `unet/`'s weights; the
     /// architecture still comes from `unet/config.json`.
     pub unet: Option<PathBuf>,
+    /// Replaces the scheduler's `prediction_type` (`epsilon`, `sample`, `v_prediction`).
+    pub prediction_type: Option<String>,
+}
+
+impl Overrides {
+    /// The scheduler settings a UNet file needs. ByteDance's SDXL-Lightning UNets
+    /// (`sdxl_lightning_*`) are trained for trailing timesteps, and the 1-step `*_x0_*` UNet
+    /// predicts the clean sample; their model card sets both on the base scheduler.
+    fn scheduler_changes(&self) -> (Option<&'static str>, Option<String>) {
+        let name = self.unet.as_ref().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().to_lowercase());
+        let lightning = name.as_deref().is_some_and(|n| n.starts_with("sdxl_lightning"));
+        let x0 = lightning && name.as_deref().is_some_and(|n| n.contains("_x0"));
+        let spacing = lightning.then_some("trailing");
+        let prediction = self.prediction_type.clone().or_else(|| x0.then(|| "sample".to_string()));
+        (spacing, prediction)
+    }
 }
 
 /// Loads the SDXL model in `dir`, running the UNet and text encoders in `dtype` (the VAE
@@ -79,11 +95,23 @@ pub fn load_with(dir: &Path, overrides: &Overrides, dtype: DType, device: &Devic
             None => UNet::load(&dir.join("unet"), dtype, device)?,
         },
         vae: Vae::load(&dir.join("vae"), device)?,
-        scheduler: EulerDiscrete::load(&dir.join("scheduler").join("scheduler_config.json"))?,
+        scheduler: load_scheduler(&dir.join("scheduler").join("scheduler_config.json"), overrides)?,
         force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
     };
     check_compatible(&components).map_err(model_error)?;
     Ok(Pipeline::new(components, device))
+}
+
+fn load_scheduler(path: &Path, overrides: &Overrides) -> Result<EulerDiscrete> {
+    let mut config: SchedulerConfig = sdxl_models::config::read_json(path)?;
+    let (spacing, prediction) = overrides.scheduler_changes();
+    if let Some(spacing) = spacing {
+        config.timestep_spacing = spacing.to_string();
+    }
+    if let Some(prediction) = prediction {
+        config.prediction_type = prediction;
+    }
+    EulerDiscrete::new(&config).map_err(|message| Error::Models(sdxl_models::Error::config(path, message)))
 }
 
 /// Cross-component checks: the UNet's context and pooled widths must match the encoders'.
@@ -111,4 +139,25 @@ fn check_compatible(c: &Components) -> std::result::Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn changes(unet: Option<&str>, prediction: Option<&str>) -> (Option<&'static str>, Option<String>) {
+        let o = Overrides { unet: unet.map(PathBuf::from), prediction_type: prediction.map(String::from) };
+        o.scheduler_changes()
+    }
+
+    #[test]
+    fn lightning_unets_get_their_scheduler_settings() {
+        assert_eq!(changes(Some("/m/sdxl_lightning_4step_unet.safetensors"), None), (Some("trailing"), None));
+        assert_eq!(
+            changes(Some("/m/sdxl_lightning_1step_x0_unet.safetensors"), None),
+            (Some("trailing"), Some("sample".into()))
+        );
+        assert_eq!(changes(Some("/m/my_unet.safetensors"), None), (None, None));
+        assert_eq!(changes(None, Some("v_prediction")), (None, Some("v_prediction".into())));
+    }
 }
