@@ -1,6 +1,5 @@
 //! `sdxl generate`: one image from the command line.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -112,16 +111,18 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         args.dtype.into(),
         &device,
     )?;
-    let show_progress = std::io::stderr().is_terminal();
+    // indicatif draws only when stderr is a terminal, so scripts and tests see no bar
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{bar:40} step {pos}/{len} {elapsed_precise}")
+            .expect("progress template is valid"),
+    );
     let image = sdxl_engine::generate::generate(&pipeline, &request, &mut |progress| {
-        if show_progress {
-            eprint!("\rstep {}/{}", progress.step, progress.total);
-            if progress.step == progress.total {
-                eprintln!();
-            }
-        }
+        bar.set_length(progress.total as u64);
+        bar.set_position(progress.step as u64);
         std::ops::ControlFlow::Continue(())
-    })?;
+    });
+    bar.finish_and_clear();
+    let image = image?;
     let png = sdxl_engine::png::encode(&image)?;
     std::fs::write(&args.output, png).with_context(|| format!("cannot write {}", args.output.display()))?;
     if let NoiseSource::Seed(seed) = request.noise {
