@@ -1,6 +1,7 @@
 //! `sdxl`: the command-line front end.
 
 mod generate;
+mod inspect;
 mod serve;
 
 use std::process::ExitCode;
@@ -21,6 +22,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Serve the Workers AI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Show what a weights file or model directory holds, and whether it loads.
+    Inspect(inspect::InspectArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Inspect(args) => inspect::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

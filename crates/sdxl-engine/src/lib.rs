@@ -5,6 +5,7 @@
 pub mod error;
 pub mod generate;
 pub mod images;
+pub mod inspect;
 pub mod metric_names;
 pub mod model;
 pub mod png;
