@@ -335,3 +335,21 @@ async fn a_client_that_trickles_its_headers_is_cut_off() {
     let health = reqwest::get(format!("http://{address}/health")).await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_does_not_arrive_gets_408_in_the_envelope() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = ServerConfig { body_read_timeout: Duration::from_millis(200), ..ServerConfig::default() };
+    let (base, _) = start(SlowBackend::new(Duration::ZERO), 1, config).await;
+    let address = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "POST {RUN} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"prompt\""
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"code\":3007"), "{answer}");
+}

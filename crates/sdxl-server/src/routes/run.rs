@@ -48,15 +48,22 @@ async fn run(state: AppState, model: &str, headers: &HeaderMap, body: Body) -> R
     png_response(&done, seed).await
 }
 
-/// Reads the whole body, refusing more than `limit` bytes with 413.
+/// Reads the whole body, refusing more than `limit` bytes with 413, and a body that does not
+/// arrive within the body-read timeout with 408.
 pub async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes().to_vec()),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             Err(ApiError::PayloadTooLarge(limit))
         }
+        Err(e) if caused_by::<tower_http::timeout::TimeoutError>(e.as_ref()) => Err(ApiError::Timeout),
         Err(e) => Err(ApiError::BadRequest(format!("cannot read the request body: {e}"))),
     }
+}
+
+/// Whether `error` or any of its sources is a `T`.
+fn caused_by<T: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(error), |e| e.source()).any(|e| e.is::<T>())
 }
 
 /// Wire fields → the engine's validated request, with the defaults in force.
