@@ -3,31 +3,15 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use candle_core::{DType, Device};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use sdxl_engine::{GenerateRequest, Limits, NoiseSource, RawRequest};
 
-/// Compute dtype of the UNet and text encoders.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum Dtype {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl From<Dtype> for DType {
-    fn from(d: Dtype) -> Self {
-        match d {
-            Dtype::F32 => DType::F32,
-            Dtype::F16 => DType::F16,
-            Dtype::Bf16 => DType::BF16,
-        }
-    }
-}
+use crate::model_args::ModelArgs;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Model directory in the diffusers layout (model_index.json, unet/, vae/, ...).
+    /// Model: a directory in the diffusers layout (model_index.json, unet/, vae/, ...) or a
+    /// single-file checkpoint (.safetensors in the original SGM / ComfyUI layout).
     #[arg(long)]
     model: PathBuf,
     /// What to draw.
@@ -67,17 +51,8 @@ pub struct GenerateArgs {
     /// Inpainting mask (white = repaint, black = keep); needs --image.
     #[arg(long)]
     mask: Option<PathBuf>,
-    /// UNet weights (diffusers key layout, e.g. ByteDance's sdxl_lightning_4step_unet.safetensors)
-    /// used instead of the model directory's; the architecture comes from its unet/config.json.
-    #[arg(long)]
-    unet: Option<PathBuf>,
-    /// Override the scheduler's prediction type (epsilon, sample, v_prediction); `sample` is
-    /// set automatically for ByteDance's 1-step x0 UNet.
-    #[arg(long)]
-    prediction_type: Option<String>,
-    /// Compute dtype of the UNet and text encoders (the VAE always decodes in f32).
-    #[arg(long, value_enum, default_value = "f32")]
-    dtype: Dtype,
+    #[command(flatten)]
+    model_args: ModelArgs,
     /// Where to write the PNG.
     #[arg(long)]
     output: PathBuf,
@@ -104,13 +79,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         },
         &Limits::CLI,
     )?;
-    let device = Device::Cpu;
-    let pipeline = sdxl_engine::model::load_with(
-        &args.model,
-        &sdxl_engine::model::Overrides { unet: args.unet.clone(), prediction_type: args.prediction_type.clone() },
-        args.dtype.into(),
-        &device,
-    )?;
+    let pipeline = args.model_args.load(&args.model)?;
     // indicatif draws only when stderr is a terminal, so scripts and tests see no bar
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template("{bar:40} step {pos}/{len} {elapsed_precise}")

@@ -3,12 +3,16 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use sdxl_engine::inspect::{inspect_dir, inspect_file, FileReport, Summary};
+use sdxl_engine::inspect::{check_single_file, inspect_dir, inspect_file, FileReport, Layout, Summary};
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
     /// A .safetensors file, or a model directory in the diffusers layout.
     path: PathBuf,
+    /// For a single-file checkpoint: the diffusers directory that describes it (default: SDXL
+    /// base's description, built in).
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
@@ -30,7 +34,21 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             anyhow::bail!("components that do not load: {}", failed.join(", "));
         }
     } else {
-        print_file("", &inspect_file(&args.path)?);
+        let report = inspect_file(&args.path)?;
+        print_file("", &report);
+        if report.layout == Layout::SingleFile {
+            let check = check_single_file(&args.path, args.config.as_deref())?;
+            if !check.unused.is_empty() {
+                let shown: Vec<&str> = check.unused.iter().take(8).map(String::as_str).collect();
+                let more = check.unused.len().saturating_sub(shown.len());
+                let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+                println!("  unused: {}{more}", shown.join(", "));
+            }
+            match check.load {
+                Ok(()) => println!("  loads; every tensor of every component is used"),
+                Err(e) => anyhow::bail!("does not load: {e}"),
+            }
+        }
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 mod generate;
 mod inspect;
+mod model_args;
 mod serve;
 
 use std::process::ExitCode;

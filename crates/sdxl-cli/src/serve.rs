@@ -7,17 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use candle_core::Device;
 use clap::Args;
 use sdxl_engine::queue::{PipelineBackend, Queue, QueueConfig};
 use sdxl_server::{app, AppState, ServerConfig};
 use tokio::sync::Notify;
 
-use crate::generate::Dtype;
+use crate::model_args::ModelArgs;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Model directory in the diffusers layout.
+    /// Model: a directory in the diffusers layout or a single-file checkpoint.
     #[arg(long, env = "SDXL_MODEL")]
     model: PathBuf,
     /// Address to listen on.
@@ -44,17 +43,8 @@ pub struct ServeArgs {
     /// Largest width × height accepted.
     #[arg(long, env = "SDXL_MAX_PIXELS")]
     max_pixels: Option<usize>,
-    /// UNet weights (diffusers key layout, e.g. ByteDance's sdxl_lightning_4step_unet.safetensors)
-    /// used instead of the model directory's; the architecture comes from its unet/config.json.
-    #[arg(long, env = "SDXL_UNET")]
-    unet: Option<PathBuf>,
-    /// Override the scheduler's prediction type (epsilon, sample, v_prediction); `sample` is
-    /// set automatically for ByteDance's 1-step x0 UNet.
-    #[arg(long, env = "SDXL_PREDICTION_TYPE")]
-    prediction_type: Option<String>,
-    /// Compute dtype of the UNet and text encoders.
-    #[arg(long, env = "SDXL_DTYPE", value_enum, default_value = "f32")]
-    dtype: Dtype,
+    #[command(flatten)]
+    model_args: ModelArgs,
     /// Seconds in-flight work may take to finish after SIGTERM / ctrl-c.
     #[arg(long, env = "SDXL_SHUTDOWN_GRACE", default_value_t = 30)]
     shutdown_grace: u64,
@@ -72,13 +62,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if !args.default_guidance.is_finite() || !(0.0..=30.0).contains(&args.default_guidance) {
         anyhow::bail!("`--default-guidance` must be between 0 and 30, got {}", args.default_guidance);
     }
-    let device = Device::Cpu;
-    let pipeline = sdxl_engine::model::load_with(
-        &args.model,
-        &sdxl_engine::model::Overrides { unet: args.unet.clone(), prediction_type: args.prediction_type.clone() },
-        args.dtype.into(),
-        &device,
-    )?;
+    let pipeline = args.model_args.load(&args.model)?;
     let queue = Queue::start(PipelineBackend(pipeline), QueueConfig { capacity: args.queue_capacity });
     let config = ServerConfig {
         api_keys: args.api_keys.clone(),
@@ -101,7 +85,7 @@ async fn serve(args: ServeArgs, state: AppState) -> anyhow::Result<()> {
     tracing::info!(
         %address,
         model = %args.model.display(),
-        dtype = ?args.dtype,
+        dtype = ?args.model_args.dtype,
         device = "cpu",
         auth = if state.auth_enabled() { "on" } else { "off" },
         "sdxl listening on http://{address}"

@@ -1,9 +1,12 @@
 //! End-to-end: `sdxl generate` on the tiny models against the PNGs diffusers made for the
 //! same inputs (tools/parity/make_fixtures.py), and its errors on broken inputs.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::png_difference;
 use serde::Deserialize;
 
 /// The parity bound per 8-bit channel: worst and mean absolute difference.
@@ -85,17 +88,6 @@ fn generate_in(model: &str, case: &Case, by_seed: bool, dtype: &str, out: &Path)
     let output = sdxl(&args);
     assert!(output.status.success(), "{model}/{}: sdxl failed: {}", case.name, String::from_utf8_lossy(&output.stderr));
     std::fs::read(out).expect("read output png")
-}
-
-/// (max, mean) absolute difference over the RGB channels of two PNGs of the same size.
-fn png_difference(actual: &[u8], expected_path: &Path) -> (u8, f64) {
-    let actual = image::load_from_memory(actual).expect("decode output").to_rgb8();
-    let expected = image::open(expected_path).expect("decode golden").to_rgb8();
-    assert_eq!(actual.dimensions(), expected.dimensions(), "{}: size", expected_path.display());
-    let diffs: Vec<u8> = actual.as_raw().iter().zip(expected.as_raw()).map(|(a, b)| a.abs_diff(*b)).collect();
-    let max = diffs.iter().copied().max().unwrap_or(0);
-    let mean = diffs.iter().map(|&d| f64::from(d)).sum::<f64>() / diffs.len() as f64;
-    (max, mean)
 }
 
 fn check_case(model: &str, case: &Case, by_seed: bool) {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
+use sdxl_models::sgm;
 
 use crate::{Error, Result};
 
@@ -120,6 +121,31 @@ pub fn inspect_dir(dir: &Path) -> Result<Vec<ComponentReport>> {
         reports.push(ComponentReport { name, files, load: load(&folder).map_err(|e| e.to_string()) });
     }
     Ok(reports)
+}
+
+/// What loading a single-file checkpoint shows.
+#[derive(Debug)]
+pub struct SingleFileCheck {
+    /// `Ok` when every component loads with every tensor under its prefix used.
+    pub load: std::result::Result<(), String>,
+    /// Tensors no component uses: extras the loaders skip on purpose (position ids, OpenCLIP's
+    /// `logit_scale`) and anything outside the four components' prefixes.
+    pub unused: Vec<String>,
+}
+
+/// Loads a single-file checkpoint with the strict loaders (f16 on the CPU, to halve the memory
+/// this takes), with the description in `config` or SDXL base's.
+pub fn check_single_file(path: &Path, config: Option<&Path>) -> Result<SingleFileCheck> {
+    let checkpoint = sdxl_models::weights::Checkpoint::open_files(vec![path.to_path_buf()])?;
+    let components = [sgm::UNET_PREFIX, sgm::VAE_PREFIX, sgm::CLIP_L_PREFIX, sgm::CLIP_G_PREFIX];
+    let unused = checkpoint
+        .names()
+        .filter(|n| sgm::IGNORED.contains(n) || !components.iter().any(|p| n.starts_with(p)))
+        .map(String::from)
+        .collect();
+    let overrides = crate::model::Overrides { config: config.map(Path::to_path_buf), ..Default::default() };
+    let load = crate::model::load_with(path, &overrides, DType::F16, &Device::Cpu).map(drop).map_err(|e| e.to_string());
+    Ok(SingleFileCheck { load, unused })
 }
 
 /// The safetensors files of a component whose names start with `stem`.

@@ -1,25 +1,31 @@
-//! Loading a diffusers-layout SDXL directory into a [`Pipeline`].
+//! Loading an SDXL model into a [`Pipeline`], from any of the layouts it is published in.
 //!
-//! The directory holds `model_index.json` and the folders `unet/`, `vae/`, `text_encoder/`,
-//! `text_encoder_2/`, `tokenizer/`, `tokenizer_2/`, `scheduler/`; each model folder has a
-//! `config.json` and `*.safetensors` (or `*.fp16.safetensors`) weights.
+//! - A diffusers directory: `model_index.json` and the folders `unet/`, `vae/`,
+//!   `text_encoder/`, `text_encoder_2/`, `tokenizer/`, `tokenizer_2/`, `scheduler/`; each
+//!   model folder has a `config.json` and `*.safetensors` (or `*.fp16.safetensors`) weights.
+//! - A single-file checkpoint in the original (SGM) layout: weights only, with the configs,
+//!   tokenizers and scheduler of SDXL base (or of a diffusers directory given as `config`).
+//!
+//! Either can have its UNet or VAE replaced by another file, and LoRA files fused in.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use sdxl_models::clip::text_model::ClipTextModel;
 use sdxl_models::clip::tokenizer::ClipTokenizer;
+use sdxl_models::lora::{LoraFile, LoraSet};
 use sdxl_models::pipeline::{Components, Pipeline};
 use sdxl_models::scheduler::{EulerDiscrete, SchedulerConfig};
+use sdxl_models::sgm;
 use sdxl_models::unet::UNet;
 use sdxl_models::vae::Vae;
-use sdxl_models::weights::Checkpoint;
+use sdxl_models::weights::{Checkpoint, ComponentWeights, Layout};
 use serde::Deserialize;
 
 use crate::{Error, Result};
 
-/// The components every SDXL directory must have.
-const COMPONENTS: [&str; 7] =
+/// The folders every SDXL description must have.
+const CONFIG_FOLDERS: [&str; 7] =
     ["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"];
 
 #[derive(Deserialize)]
@@ -32,12 +38,20 @@ fn yes() -> bool {
     true
 }
 
-/// Where a model's parts come from beyond its directory.
+/// Where a model's parts come from beyond its directory or file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
-    /// A UNet weights file (diffusers key layout) used instead of `unet/`'s weights; the
-    /// architecture still comes from `unet/config.json`.
+    /// A UNet weights file (diffusers or original key layout) used instead of the model's;
+    /// the architecture still comes from the model's `unet/config.json`.
     pub unet: Option<PathBuf>,
+    /// A VAE: a diffusers `vae/` folder (config and weights), or a weights file (diffusers or
+    /// original layout) for the model's VAE config, such as the fp16-fix VAE.
+    pub vae: Option<PathBuf>,
+    /// For single-file checkpoints: a diffusers directory whose configs, tokenizers and
+    /// scheduler describe the model, instead of SDXL base's.
+    pub config: Option<PathBuf>,
+    /// LoRA files fused into the UNet and text encoders, in order.
+    pub loras: Vec<LoraFile>,
     /// Replaces the scheduler's `prediction_type` (`epsilon`, `sample`, `v_prediction`).
     pub prediction_type: Option<String>,
 }
@@ -45,9 +59,12 @@ pub struct Overrides {
 impl Overrides {
     /// The scheduler settings a UNet file needs. ByteDance's SDXL-Lightning UNets
     /// (`sdxl_lightning_*`) are trained for trailing timesteps, and the 1-step `*_x0_*` UNet
-    /// predicts the clean sample; their model card sets both on the base scheduler.
-    fn scheduler_changes(&self) -> (Option<&'static str>, Option<String>) {
-        let name = self.unet.as_ref().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().to_lowercase());
+    /// predicts the clean sample; their model card sets both on the base scheduler. The
+    /// all-in-one `sdxl_lightning_*step.safetensors` files are recognised the same way.
+    fn scheduler_changes(&self, model: &Path) -> (Option<&'static str>, Option<String>) {
+        let file_name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().to_lowercase());
+        let name =
+            self.unet.as_deref().and_then(file_name).or_else(|| model.is_file().then(|| file_name(model)).flatten());
         let lightning = name.as_deref().is_some_and(|n| n.starts_with("sdxl_lightning"));
         let x0 = lightning && name.as_deref().is_some_and(|n| n.contains("_x0"));
         let spacing = lightning.then_some("trailing");
@@ -62,49 +79,144 @@ pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Pipeline> {
     load_with(dir, &Overrides::default(), dtype, device)
 }
 
-/// [`load`] with some parts taken from elsewhere.
-pub fn load_with(dir: &Path, overrides: &Overrides, dtype: DType, device: &Device) -> Result<Pipeline> {
+/// Loads the model at `model` (a diffusers directory or a single-file checkpoint) with some
+/// parts taken from elsewhere.
+pub fn load_with(model: &Path, overrides: &Overrides, dtype: DType, device: &Device) -> Result<Pipeline> {
     if device.is_cpu() && dtype == DType::BF16 {
         // candle's CPU backend has no bf16 matrix multiply
         return Err(Error::InvalidRequest("dtype bf16 is not supported on the CPU; use f32 or f16".into()));
     }
-    let model_error = |message: String| Error::Model { dir: dir.to_path_buf(), message };
-    if !dir.is_dir() {
-        return Err(model_error("not a directory".into()));
+    let model_error = |message: String| Error::Model { dir: model.to_path_buf(), message };
+    if model.is_dir() {
+        if overrides.config.is_some() {
+            return Err(model_error("`--config` applies to single-file checkpoints, not model directories".into()));
+        }
+        let weights = |folder: &str, stem: &str| -> Result<ComponentWeights> {
+            Ok(ComponentWeights::diffusers(Checkpoint::open(&model.join(folder), stem)?))
+        };
+        build(model, model, overrides, dtype, device, &weights)
+    } else if model.is_file() {
+        let checkpoint = Checkpoint::open_files(vec![model.to_path_buf()])?;
+        if !sgm::is_single_file(checkpoint.names()) {
+            return Err(model_error(
+                "not a single-file SDXL checkpoint (no `model.diffusion_model.`, `first_stage_model.` or \
+                 `conditioner.embedders.` keys); give a UNet file with --unet and a model directory with --model"
+                    .into(),
+            ));
+        }
+        let builtin;
+        let description = match &overrides.config {
+            Some(dir) => dir.as_path(),
+            None => {
+                builtin = crate::builtin::sdxl_base_description()?;
+                builtin.path()
+            }
+        };
+        let weights = |folder: &str, _stem: &str| -> Result<ComponentWeights> {
+            let prefix = match folder {
+                "unet" => sgm::UNET_PREFIX,
+                "vae" => sgm::VAE_PREFIX,
+                "text_encoder" => sgm::CLIP_L_PREFIX,
+                _ => sgm::CLIP_G_PREFIX,
+            };
+            let layout = Layout::Original { prefix: prefix.to_string() };
+            Ok(ComponentWeights { checkpoint: checkpoint.clone(), layout, lora: None })
+        };
+        build(model, description, overrides, dtype, device, &weights)
+    } else {
+        Err(model_error("no such file or directory".into()))
     }
-    for name in COMPONENTS {
+}
+
+/// Builds the pipeline from the description in `dir` (configs, tokenizers, scheduler) and the
+/// weights that `weights(folder, stem)` finds for each component.
+fn build(
+    model: &Path,
+    dir: &Path,
+    overrides: &Overrides,
+    dtype: DType,
+    device: &Device,
+    weights: &dyn Fn(&str, &str) -> Result<ComponentWeights>,
+) -> Result<Pipeline> {
+    let model_error = |message: String| Error::Model { dir: model.to_path_buf(), message };
+    let description_error = |message: String| Error::Model { dir: dir.to_path_buf(), message };
+    if !dir.is_dir() {
+        return Err(description_error("not a directory".into()));
+    }
+    for name in CONFIG_FOLDERS {
         if !dir.join(name).is_dir() {
-            return Err(model_error(format!("missing component folder `{name}/`")));
+            return Err(description_error(format!("missing component folder `{name}/`")));
         }
     }
     let index_path = dir.join("model_index.json");
-    let index: ModelIndex = if index_path.is_file() {
-        sdxl_models::config::read_json(&index_path)?
-    } else {
-        return Err(model_error("missing `model_index.json`".into()));
+    if !index_path.is_file() {
+        return Err(description_error("missing `model_index.json`".into()));
+    }
+    let index: ModelIndex = sdxl_models::config::read_json(&index_path)?;
+    let lora = if overrides.loras.is_empty() { None } else { Some(LoraSet::load(&overrides.loras)?) };
+    let with_lora = |w: ComponentWeights| ComponentWeights { lora: lora.clone(), ..w };
+
+    let unet_weights = match &overrides.unet {
+        Some(file) => standalone(file, "unet")?,
+        None => weights("unet", "diffusion_pytorch_model")?,
+    };
+    let (vae_dir, vae_weights) = match &overrides.vae {
+        Some(path) if path.is_dir() => {
+            (path.clone(), ComponentWeights::diffusers(Checkpoint::open(path, "diffusion_pytorch_model")?))
+        }
+        Some(file) => (dir.join("vae"), standalone(file, "vae")?),
+        None => (dir.join("vae"), weights("vae", "diffusion_pytorch_model")?),
     };
     let components = Components {
         tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
         tokenizer_2: ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?,
-        text_encoder: ClipTextModel::load(&dir.join("text_encoder"), false, dtype, device)?,
-        text_encoder_2: ClipTextModel::load(&dir.join("text_encoder_2"), true, dtype, device)?,
-        unet: match &overrides.unet {
-            Some(file) => {
-                UNet::load_weights(&dir.join("unet"), Checkpoint::open_files(vec![file.clone()])?, dtype, device)?
-            }
-            None => UNet::load(&dir.join("unet"), dtype, device)?,
-        },
-        vae: Vae::load(&dir.join("vae"), device)?,
-        scheduler: load_scheduler(&dir.join("scheduler").join("scheduler_config.json"), overrides)?,
+        text_encoder: ClipTextModel::load_from(
+            &dir.join("text_encoder"),
+            false,
+            &with_lora(weights("text_encoder", "model")?),
+            dtype,
+            device,
+        )?,
+        text_encoder_2: ClipTextModel::load_from(
+            &dir.join("text_encoder_2"),
+            true,
+            &with_lora(weights("text_encoder_2", "model")?),
+            dtype,
+            device,
+        )?,
+        unet: UNet::load_from(&dir.join("unet"), &with_lora(unet_weights), dtype, device)?,
+        vae: Vae::load_from(&vae_dir, &vae_weights, device)?,
+        scheduler: load_scheduler(&dir.join("scheduler").join("scheduler_config.json"), model, overrides)?,
         force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
     };
+    if let Some(lora) = &lora {
+        lora.finish()?;
+    }
     check_compatible(&components).map_err(model_error)?;
     Ok(Pipeline::new(components, device))
 }
 
-fn load_scheduler(path: &Path, overrides: &Overrides) -> Result<EulerDiscrete> {
+/// A separately distributed UNet or VAE file, in diffusers' layout or the original one (with
+/// or without the single-file prefix).
+fn standalone(file: &Path, component: &str) -> Result<ComponentWeights> {
+    let checkpoint = Checkpoint::open_files(vec![file.to_path_buf()])?;
+    let (prefix, original_marker) = match component {
+        "unet" => (sgm::UNET_PREFIX, "input_blocks.0.0.weight"),
+        _ => (sgm::VAE_PREFIX, "decoder.up.0.block.0.conv1.weight"),
+    };
+    let layout = if checkpoint.names().any(|n| n.starts_with(prefix)) {
+        Layout::Original { prefix: prefix.to_string() }
+    } else if checkpoint.contains(original_marker) {
+        Layout::Original { prefix: String::new() }
+    } else {
+        Layout::Diffusers
+    };
+    Ok(ComponentWeights { checkpoint, layout, lora: None })
+}
+
+fn load_scheduler(path: &Path, model: &Path, overrides: &Overrides) -> Result<EulerDiscrete> {
     let mut config: SchedulerConfig = sdxl_models::config::read_json(path)?;
-    let (spacing, prediction) = overrides.scheduler_changes();
+    let (spacing, prediction) = overrides.scheduler_changes(model);
     if let Some(spacing) = spacing {
         config.timestep_spacing = spacing.to_string();
     }
@@ -146,8 +258,12 @@ mod tests {
     use super::*;
 
     fn changes(unet: Option<&str>, prediction: Option<&str>) -> (Option<&'static str>, Option<String>) {
-        let o = Overrides { unet: unet.map(PathBuf::from), prediction_type: prediction.map(String::from) };
-        o.scheduler_changes()
+        let o = Overrides {
+            unet: unet.map(PathBuf::from),
+            prediction_type: prediction.map(String::from),
+            ..Overrides::default()
+        };
+        o.scheduler_changes(Path::new("/nonexistent/model"))
     }
 
     #[test]

@@ -11,10 +11,12 @@ pub mod noise;
 
 pub use error::{Error, Result};
 pub mod config;
+pub mod lora;
 pub mod nn;
 pub mod pipeline;
 pub mod pixels;
 pub mod scheduler;
+pub mod sgm;
 pub mod unet;
 pub mod vae;
 pub mod weights;

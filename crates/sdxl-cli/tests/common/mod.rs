@@ -1,4 +1,5 @@
 //! Helpers shared by the CLI's integration tests.
+#![allow(dead_code)] // each test binary uses a different subset
 
 use std::path::Path;
 
@@ -14,4 +15,15 @@ pub fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), target).expect("copy");
         }
     }
+}
+
+/// (max, mean) absolute difference over the RGB channels of two PNGs of the same size.
+pub fn png_difference(actual: &[u8], expected_path: &Path) -> (u8, f64) {
+    let actual = image::load_from_memory(actual).expect("decode output").to_rgb8();
+    let expected = image::open(expected_path).expect("decode golden").to_rgb8();
+    assert_eq!(actual.dimensions(), expected.dimensions(), "{}: size", expected_path.display());
+    let diffs: Vec<u8> = actual.as_raw().iter().zip(expected.as_raw()).map(|(a, b)| a.abs_diff(*b)).collect();
+    let max = diffs.iter().copied().max().unwrap_or(0);
+    let mean = diffs.iter().map(|&d| f64::from(d)).sum::<f64>() / diffs.len() as f64;
+    (max, mean)
 }

@@ -11,7 +11,10 @@ use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder};
 
 use crate::config::read_json;
-use crate::weights::Checkpoint;
+use std::sync::Arc;
+
+use crate::lora::Component;
+use crate::weights::{Checkpoint, ComponentWeights, Layout};
 use crate::{Error, Result};
 
 /// `config.json` of a CLIP text encoder (transformers' `CLIPTextConfig`).
@@ -166,6 +169,20 @@ impl ClipTextModel {
     /// Loads the encoder in `dir` (`config.json` + `model[.fp16].safetensors`).
     /// `with_projection` selects `CLIPTextModelWithProjection`.
     pub fn load(dir: &Path, with_projection: bool, dtype: DType, device: &Device) -> Result<Self> {
+        let weights = ComponentWeights::diffusers(Checkpoint::open(dir, "model")?);
+        Self::load_from(dir, with_projection, &weights, dtype, device)
+    }
+
+    /// Loads the architecture from `dir/config.json` and the weights from `weights`: a
+    /// transformers file, or the encoder of a single-file checkpoint (CLIP ViT-L in
+    /// transformers' names, OpenCLIP ViT-bigG in OpenCLIP's when `with_projection`).
+    pub fn load_from(
+        dir: &Path,
+        with_projection: bool,
+        weights: &ComponentWeights,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let config_path = dir.join("config.json");
         let cfg: ClipTextConfig = read_json(&config_path)?;
         if cfg.num_hidden_layers < 2 {
@@ -183,13 +200,39 @@ impl ClipTextModel {
             (true, Some(p)) => Some(p),
             (false, _) => None,
         };
-        let checkpoint = Checkpoint::open(dir, "model")?;
         // transformers 4 saves the transformer under `text_model.`; transformers 5 saves a
         // `CLIPTextModel`'s tensors at the root (the projection variant keeps the prefix).
-        let prefixed = checkpoint.contains("text_model.embeddings.token_embedding.weight");
-        let root = checkpoint.var_builder(dtype, device);
-        let model = Self::new(root, prefixed, &cfg, act, projection_dim, device).map_err(|e| checkpoint.error(e))?;
-        checkpoint.finish(IGNORED)?;
+        // Single files follow whichever transformers the converter ran; OpenCLIP's map expects
+        // the prefixed names.
+        let prefix = match &weights.layout {
+            Layout::Diffusers => "",
+            Layout::Original { prefix } => prefix.as_str(),
+        };
+        let prefixed = (with_projection && !prefix.is_empty())
+            || weights.checkpoint.contains(&format!("{prefix}text_model.embeddings.token_embedding.weight"));
+        let component = if with_projection { Component::TextEncoder2 } else { Component::TextEncoder };
+        if let Some(lora) = &weights.lora {
+            // LoRA files name the encoder's modules with or without the `text_model.` prefix,
+            // depending on the transformers version they were made with.
+            lora.set_alias(
+                component,
+                Arc::new(|module| match module.strip_prefix("text_model.") {
+                    Some(bare) => Some(bare.to_string()),
+                    None => Some(format!("text_model.{module}")),
+                }),
+            );
+        }
+        let original = |prefix: &str| {
+            if with_projection {
+                crate::sgm::clip_g_map(prefix)
+            } else {
+                crate::sgm::clip_l_map(prefix)
+            }
+        };
+        let root = weights.var_builder(original, Some(component), dtype, device);
+        let model =
+            Self::new(root, prefixed, &cfg, act, projection_dim, device).map_err(|e| weights.checkpoint.error(e))?;
+        weights.finish(IGNORED)?;
         Ok(model)
     }
 

@@ -17,7 +17,10 @@ use self::blocks::{DownBlock, MidBlock, Shared, UpBlock};
 use self::config::{UNetConfig, UNetPlan};
 use self::embeddings::{timestep_features, TimestepEmbedding};
 use crate::nn::{conv2d, silu};
-use crate::weights::Checkpoint;
+use std::sync::Arc;
+
+use crate::lora::Component;
+use crate::weights::{Checkpoint, ComponentWeights};
 use crate::{Error, Result};
 
 /// The `text_time` size conditioning: `add_time_proj` features of the six `time_ids`,
@@ -54,23 +57,25 @@ pub struct UNet {
 impl UNet {
     /// Loads `dir/config.json` and `dir/diffusion_pytorch_model[.fp16].safetensors`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        Self::load_weights(dir, Checkpoint::open(dir, "diffusion_pytorch_model")?, dtype, device)
+        let weights = ComponentWeights::diffusers(Checkpoint::open(dir, "diffusion_pytorch_model")?);
+        Self::load_from(dir, &weights, dtype, device)
     }
 
-    /// Loads the architecture from `dir/config.json` and the weights from `checkpoint`
-    /// (a separately distributed UNet file, such as ByteDance's Lightning UNets).
-    pub fn load_weights(
-        dir: &Path,
-        checkpoint: std::sync::Arc<Checkpoint>,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
+    /// Loads the architecture from `dir/config.json` and the weights from `weights` (a
+    /// separately distributed UNet file such as ByteDance's Lightning UNets, or the UNet of a
+    /// single-file checkpoint), fusing the LoRA updates it carries.
+    pub fn load_from(dir: &Path, weights: &ComponentWeights, dtype: DType, device: &Device) -> Result<Self> {
         let config_path = dir.join("config.json");
         let config = UNetConfig::load(&config_path)?;
         let plan = config.resolve(&config_path)?;
-        let vb = checkpoint.var_builder(dtype, device);
-        let unet = Self::new(vb, config, &plan, dtype, device).map_err(|e| checkpoint.error(e))?;
-        checkpoint.finish(&[])?;
+        if let Some(lora) = &weights.lora {
+            let names = plan.clone();
+            lora.set_alias(Component::Unet, Arc::new(move |module| crate::sgm::unet_name(&names, module)));
+        }
+        let vb =
+            weights.var_builder(|prefix| crate::sgm::unet_map(&plan, prefix), Some(Component::Unet), dtype, device);
+        let unet = Self::new(vb, config, &plan, dtype, device).map_err(|e| weights.checkpoint.error(e))?;
+        weights.finish(&[])?;
         Ok(unet)
     }
 

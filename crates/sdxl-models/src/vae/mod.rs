@@ -17,7 +17,7 @@ use self::decoder::Decoder;
 use self::encoder::Encoder;
 use crate::config::read_json;
 use crate::nn::conv2d;
-use crate::weights::Checkpoint;
+use crate::weights::{Checkpoint, ComponentWeights};
 use crate::{Error, Result};
 
 /// `vae/config.json`.
@@ -127,11 +127,18 @@ pub struct Vae {
 impl Vae {
     /// Loads `dir/config.json` and `dir/diffusion_pytorch_model[.fp16].safetensors` (in f32).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let weights = ComponentWeights::diffusers(Checkpoint::open(dir, "diffusion_pytorch_model")?);
+        Self::load_from(dir, &weights, device)
+    }
+
+    /// Loads the architecture from `dir/config.json` and the weights from `weights` (a
+    /// standalone VAE file, or the VAE of a single-file checkpoint).
+    pub fn load_from(dir: &Path, weights: &ComponentWeights, device: &Device) -> Result<Self> {
         let config_path = dir.join("config.json");
         let config: VaeConfig = read_json(&config_path)?;
         config.validate(&config_path)?;
-        let checkpoint = Checkpoint::open(dir, "diffusion_pytorch_model")?;
-        let vb = checkpoint.var_builder(DType::F32, device);
+        let levels = config.block_out_channels.len();
+        let vb = weights.var_builder(|prefix| crate::sgm::vae_map(levels, prefix), None, DType::F32, device);
         let build = || -> candle_core::Result<Self> {
             let l = config.latent_channels;
             Ok(Self {
@@ -148,8 +155,8 @@ impl Vae {
                 config: config.clone(),
             })
         };
-        let vae = build().map_err(|e| checkpoint.error(e))?;
-        checkpoint.finish(&[])?;
+        let vae = build().map_err(|e| weights.checkpoint.error(e))?;
+        weights.finish(&[])?;
         Ok(vae)
     }
 

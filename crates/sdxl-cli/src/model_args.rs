@@ -1,0 +1,70 @@
+//! The flags that say where a model's parts come from, shared by `generate` and `serve`.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::DType;
+use clap::{Args, ValueEnum};
+use sdxl_engine::model::Overrides;
+use sdxl_models::lora::{parse_lora_arg, LoraFile};
+
+/// Compute dtype of the UNet and text encoders.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<Dtype> for DType {
+    fn from(d: Dtype) -> Self {
+        match d {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::Bf16 => DType::BF16,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// For a single-file --model: a diffusers directory whose configs, tokenizers and scheduler
+    /// describe it (default: SDXL base's, built in).
+    #[arg(long, env = "SDXL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// UNet weights used instead of the model's (diffusers or original key layout, e.g.
+    /// ByteDance's sdxl_lightning_4step_unet.safetensors); the architecture stays the model's.
+    #[arg(long, env = "SDXL_UNET")]
+    pub unet: Option<PathBuf>,
+    /// VAE used instead of the model's: a diffusers vae/ folder, or a weights file in either key
+    /// layout (e.g. the fp16-fix VAE).
+    #[arg(long, env = "SDXL_VAE")]
+    pub vae: Option<PathBuf>,
+    /// LoRA weights to fuse, FILE or FILE:SCALE (default scale 1); repeat for several
+    /// (SDXL_LORAS: comma-separated). diffusers/PEFT and kohya files.
+    #[arg(long = "lora", env = "SDXL_LORAS", value_delimiter = ',', value_parser = parse_lora_arg)]
+    pub loras: Vec<LoraFile>,
+    /// Override the scheduler's prediction type (epsilon, sample, v_prediction); `sample` is
+    /// set automatically for ByteDance's 1-step x0 UNet.
+    #[arg(long, env = "SDXL_PREDICTION_TYPE")]
+    pub prediction_type: Option<String>,
+    /// Compute dtype of the UNet and text encoders (the VAE always decodes in f32).
+    #[arg(long, env = "SDXL_DTYPE", value_enum, default_value = "f32")]
+    pub dtype: Dtype,
+}
+
+impl ModelArgs {
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            unet: self.unet.clone(),
+            vae: self.vae.clone(),
+            config: self.config.clone(),
+            loras: self.loras.clone(),
+            prediction_type: self.prediction_type.clone(),
+        }
+    }
+
+    /// Loads the pipeline from `model` with these flags, on the CPU.
+    pub fn load(&self, model: &Path) -> anyhow::Result<sdxl_models::pipeline::Pipeline> {
+        Ok(sdxl_engine::model::load_with(model, &self.overrides(), self.dtype.into(), &candle_core::Device::Cpu)?)
+    }
+}
