@@ -1,5 +1,6 @@
 //! `sdxl`: the command-line front end.
 
+mod bench;
 mod generate;
 mod inspect;
 mod model_args;
@@ -25,6 +26,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Show what a weights file or model directory holds, and whether it loads.
     Inspect(inspect::InspectArgs),
+    /// Time the full-size architecture with made-up weights (nothing is downloaded).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,6 +2,7 @@
 //! directory, validating requests into [`GenerateRequest`], noise, PNG encoding, and the
 //! job [`Queue`] whose worker thread owns the model.
 
+pub mod bench;
 pub mod builtin;
 pub mod error;
 pub mod generate;

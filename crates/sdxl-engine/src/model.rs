@@ -19,7 +19,7 @@ use sdxl_models::scheduler::{EulerDiscrete, SchedulerConfig};
 use sdxl_models::sgm;
 use sdxl_models::unet::UNet;
 use sdxl_models::vae::Vae;
-use sdxl_models::weights::{Checkpoint, ComponentWeights, Layout};
+use sdxl_models::weights::{Checkpoint, ComponentWeights};
 use serde::Deserialize;
 
 use crate::{Error, Result};
@@ -82,10 +82,6 @@ pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Pipeline> {
 /// Loads the model at `model` (a diffusers directory or a single-file checkpoint) with some
 /// parts taken from elsewhere.
 pub fn load_with(model: &Path, overrides: &Overrides, dtype: DType, device: &Device) -> Result<Pipeline> {
-    if device.is_cpu() && dtype == DType::BF16 {
-        // candle's CPU backend has no bf16 matrix multiply
-        return Err(Error::InvalidRequest("dtype bf16 is not supported on the CPU; use f32 or f16".into()));
-    }
     let model_error = |message: String| Error::Model { dir: model.to_path_buf(), message };
     if model.is_dir() {
         if overrides.config.is_some() {
@@ -119,13 +115,20 @@ pub fn load_with(model: &Path, overrides: &Overrides, dtype: DType, device: &Dev
                 "text_encoder" => sgm::CLIP_L_PREFIX,
                 _ => sgm::CLIP_G_PREFIX,
             };
-            let layout = Layout::Original { prefix: prefix.to_string() };
-            Ok(ComponentWeights { checkpoint: checkpoint.clone(), layout, lora: None })
+            Ok(ComponentWeights::original(checkpoint.clone(), prefix))
         };
         build(model, description, overrides, dtype, device, &weights)
     } else {
         Err(model_error("no such file or directory".into()))
     }
+}
+
+/// SDXL base's architecture with made-up weights (see [`ComponentWeights::random`]), for
+/// benchmarks.
+pub fn random(dtype: DType, device: &Device) -> Result<Pipeline> {
+    let description = crate::builtin::sdxl_base_description()?;
+    let dir = description.path();
+    build(dir, dir, &Overrides::default(), dtype, device, &|_, _| Ok(ComponentWeights::random()))
 }
 
 /// Builds the pipeline from the description in `dir` (configs, tokenizers, scheduler) and the
@@ -138,6 +141,10 @@ fn build(
     device: &Device,
     weights: &dyn Fn(&str, &str) -> Result<ComponentWeights>,
 ) -> Result<Pipeline> {
+    if device.is_cpu() && dtype == DType::BF16 {
+        // candle's CPU backend has no bf16 matrix multiply
+        return Err(Error::InvalidRequest("dtype bf16 is not supported on the CPU; use f32 or f16".into()));
+    }
     let model_error = |message: String| Error::Model { dir: model.to_path_buf(), message };
     let description_error = |message: String| Error::Model { dir: dir.to_path_buf(), message };
     if !dir.is_dir() {
@@ -154,7 +161,7 @@ fn build(
     }
     let index: ModelIndex = sdxl_models::config::read_json(&index_path)?;
     let lora = if overrides.loras.is_empty() { None } else { Some(LoraSet::load(&overrides.loras)?) };
-    let with_lora = |w: ComponentWeights| ComponentWeights { lora: lora.clone(), ..w };
+    let with_lora = |w: ComponentWeights| w.with_lora(lora.clone());
 
     let unet_weights = match &overrides.unet {
         Some(file) => standalone(file, "unet")?,
@@ -204,14 +211,13 @@ fn standalone(file: &Path, component: &str) -> Result<ComponentWeights> {
         "unet" => (sgm::UNET_PREFIX, "input_blocks.0.0.weight"),
         _ => (sgm::VAE_PREFIX, "decoder.up.0.block.0.conv1.weight"),
     };
-    let layout = if checkpoint.names().any(|n| n.starts_with(prefix)) {
-        Layout::Original { prefix: prefix.to_string() }
+    Ok(if checkpoint.names().any(|n| n.starts_with(prefix)) {
+        ComponentWeights::original(checkpoint, prefix)
     } else if checkpoint.contains(original_marker) {
-        Layout::Original { prefix: String::new() }
+        ComponentWeights::original(checkpoint, "")
     } else {
-        Layout::Diffusers
-    };
-    Ok(ComponentWeights { checkpoint, layout, lora: None })
+        ComponentWeights::diffusers(checkpoint)
+    })
 }
 
 fn load_scheduler(path: &Path, model: &Path, overrides: &Overrides) -> Result<EulerDiscrete> {

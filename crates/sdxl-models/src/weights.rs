@@ -306,18 +306,64 @@ pub enum Layout {
 }
 
 /// Where one component's weights come from: a checkpoint in some layout, plus the LoRA
-/// updates to fuse.
+/// updates to fuse; or made-up values, for timing the architecture without files.
 #[derive(Clone)]
 pub struct ComponentWeights {
-    pub checkpoint: Arc<Checkpoint>,
-    pub layout: Layout,
-    pub lora: Option<Arc<LoraSet>>,
+    source: Source,
+    layout: Layout,
+    lora: Option<Arc<LoraSet>>,
+}
+
+#[derive(Clone)]
+enum Source {
+    File(Arc<Checkpoint>),
+    Random,
 }
 
 impl ComponentWeights {
-    /// A diffusers-layout checkpoint without LoRA.
+    /// A diffusers-layout checkpoint.
     pub fn diffusers(checkpoint: Arc<Checkpoint>) -> Self {
-        Self { checkpoint, layout: Layout::Diffusers, lora: None }
+        Self { source: Source::File(checkpoint), layout: Layout::Diffusers, lora: None }
+    }
+
+    /// An original-layout checkpoint whose keys for this component start with `prefix`.
+    pub fn original(checkpoint: Arc<Checkpoint>, prefix: &str) -> Self {
+        Self { source: Source::File(checkpoint), layout: Layout::Original { prefix: prefix.to_string() }, lora: None }
+    }
+
+    /// Small uniform random values for every tensor, drawn fast: speed does not depend on
+    /// weight values, so benchmarks build the full-size models this way.
+    pub fn random() -> Self {
+        Self { source: Source::Random, layout: Layout::Diffusers, lora: None }
+    }
+
+    /// The same weights with `lora`'s updates fused in.
+    pub fn with_lora(self, lora: Option<Arc<LoraSet>>) -> Self {
+        Self { lora, ..self }
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn lora(&self) -> Option<&Arc<LoraSet>> {
+        self.lora.as_ref()
+    }
+
+    /// Whether the checkpoint stores `key` (never, for random weights).
+    pub fn contains(&self, key: &str) -> bool {
+        match &self.source {
+            Source::File(checkpoint) => checkpoint.contains(key),
+            Source::Random => false,
+        }
+    }
+
+    /// Wraps a model-construction failure with the file's name.
+    pub fn error(&self, e: candle_core::Error) -> Error {
+        match &self.source {
+            Source::File(checkpoint) => checkpoint.error(e),
+            Source::Random => Error::Candle(crate::error::strip_backtrace(e)),
+        }
     }
 
     /// A var builder in diffusers' names; `original` gives the key map for the original layout
@@ -329,22 +375,64 @@ impl ComponentWeights {
         dtype: DType,
         device: &Device,
     ) -> VarBuilder<'static> {
+        let checkpoint = match &self.source {
+            Source::File(checkpoint) => checkpoint,
+            Source::Random => return VarBuilder::from_backend(Box::new(RandomValues), dtype, device.clone()),
+        };
         let map = match &self.layout {
             Layout::Diffusers => KeyMap::identity(),
             Layout::Original { prefix } => original(prefix),
         };
         let lora = component.and_then(|c| self.lora.clone().filter(|set| set.touches(c)).map(|set| (set, c)));
-        self.checkpoint.var_builder_with(map, lora, dtype, device)
+        checkpoint.var_builder_with(map, lora, dtype, device)
     }
 
     /// Fails on tensors of this component that the model did not use: in a diffusers file,
     /// any not starting with one of `ignored`; in an original-layout file, any under the
     /// component's prefix except [`crate::sgm::IGNORED`].
     pub fn finish(&self, ignored: &[&str]) -> Result<()> {
+        let Source::File(checkpoint) = &self.source else { return Ok(()) };
         match &self.layout {
-            Layout::Diffusers => self.checkpoint.finish(ignored),
-            Layout::Original { prefix } => self.checkpoint.finish_under(prefix, crate::sgm::IGNORED),
+            Layout::Diffusers => checkpoint.finish(ignored),
+            Layout::Original { prefix } => checkpoint.finish_under(prefix, crate::sgm::IGNORED),
         }
+    }
+}
+
+/// The var-builder backend of [`ComponentWeights::random`]: uniform values in ±0.02 from a
+/// per-tensor xorshift generator, filled in parallel.
+struct RandomValues;
+
+impl SimpleBackend for RandomValues {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        use rayon::prelude::*;
+        let seed = name.bytes().fold(0x9E37_79B9_7F4A_7C15u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01B3));
+        let mut values = vec![0f32; shape.elem_count()];
+        values.par_chunks_mut(1 << 16).enumerate().for_each(|(chunk, out)| {
+            let mut state = seed ^ (chunk as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03) | 1;
+            for v in out {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                *v = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04;
+            }
+        });
+        Tensor::from_vec(values, shape, device)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        Err(candle_core::Error::Msg(format!("random weights need a shape for `{name}`")))
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
     }
 }
 

@@ -8,7 +8,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
+
+use crate::nn::Linear;
 
 use crate::config::read_json;
 use std::sync::Arc;
@@ -87,10 +89,10 @@ impl Attention {
     fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> candle_core::Result<Self> {
         let d = cfg.hidden_size;
         Ok(Self {
-            q_proj: linear(d, d, vb.pp("q_proj"))?,
-            k_proj: linear(d, d, vb.pp("k_proj"))?,
-            v_proj: linear(d, d, vb.pp("v_proj"))?,
-            out_proj: linear(d, d, vb.pp("out_proj"))?,
+            q_proj: Linear::new(d, d, vb.pp("q_proj"))?,
+            k_proj: Linear::new(d, d, vb.pp("k_proj"))?,
+            v_proj: Linear::new(d, d, vb.pp("v_proj"))?,
+            out_proj: Linear::new(d, d, vb.pp("out_proj"))?,
             heads: cfg.num_attention_heads,
             head_dim: d / cfg.num_attention_heads,
         })
@@ -129,8 +131,8 @@ impl EncoderLayer {
             layer_norm1: layer_norm(d, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
             self_attn: Attention::new(vb.pp("self_attn"), cfg)?,
             layer_norm2: layer_norm(d, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: linear(d, cfg.intermediate_size, vb.pp("mlp").pp("fc1"))?,
-            fc2: linear(cfg.intermediate_size, d, vb.pp("mlp").pp("fc2"))?,
+            fc1: Linear::new(d, cfg.intermediate_size, vb.pp("mlp").pp("fc1"))?,
+            fc2: Linear::new(cfg.intermediate_size, d, vb.pp("mlp").pp("fc2"))?,
             act,
         })
     }
@@ -204,14 +206,14 @@ impl ClipTextModel {
         // `CLIPTextModel`'s tensors at the root (the projection variant keeps the prefix).
         // Single files follow whichever transformers the converter ran; OpenCLIP's map expects
         // the prefixed names.
-        let prefix = match &weights.layout {
+        let prefix = match weights.layout() {
             Layout::Diffusers => "",
             Layout::Original { prefix } => prefix.as_str(),
         };
         let prefixed = (with_projection && !prefix.is_empty())
-            || weights.checkpoint.contains(&format!("{prefix}text_model.embeddings.token_embedding.weight"));
+            || weights.contains(&format!("{prefix}text_model.embeddings.token_embedding.weight"));
         let component = if with_projection { Component::TextEncoder2 } else { Component::TextEncoder };
-        if let Some(lora) = &weights.lora {
+        if let Some(lora) = weights.lora() {
             // LoRA files name the encoder's modules with or without the `text_model.` prefix,
             // depending on the transformers version they were made with.
             lora.set_alias(
@@ -230,8 +232,7 @@ impl ClipTextModel {
             }
         };
         let root = weights.var_builder(original, Some(component), dtype, device);
-        let model =
-            Self::new(root, prefixed, &cfg, act, projection_dim, device).map_err(|e| weights.checkpoint.error(e))?;
+        let model = Self::new(root, prefixed, &cfg, act, projection_dim, device).map_err(|e| weights.error(e))?;
         weights.finish(IGNORED)?;
         Ok(model)
     }
@@ -250,7 +251,7 @@ impl ClipTextModel {
             .map(|i| EncoderLayer::new(tm.pp("encoder").pp("layers").pp(i), cfg, act))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let text_projection =
-            projection_dim.map(|p| linear_no_bias(cfg.hidden_size, p, vb.pp("text_projection"))).transpose()?;
+            projection_dim.map(|p| Linear::no_bias(cfg.hidden_size, p, vb.pp("text_projection"))).transpose()?;
         Ok(Self {
             token_embedding: embedding(cfg.vocab_size, cfg.hidden_size, emb.pp("token_embedding"))?,
             position_embedding: embedding(cfg.max_position_embeddings, cfg.hidden_size, emb.pp("position_embedding"))?,

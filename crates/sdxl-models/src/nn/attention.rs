@@ -1,8 +1,10 @@
 //! diffusers' `Attention` (`models/attention_processor.py`) with the default SDPA processor:
 //! multi-head scaled dot-product attention over token sequences `[B, N, C]`.
 
-use candle_core::{DType, Module, Tensor};
-use candle_nn::{linear, linear_b, Linear, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+use super::{flops, kernels, Linear};
 
 /// Multi-head attention; keys and values come from `context` when given (cross-attention).
 pub struct Attention {
@@ -30,10 +32,10 @@ impl Attention {
     pub fn new(vb: VarBuilder, cfg: &AttentionConfig) -> candle_core::Result<Self> {
         let inner = cfg.heads * cfg.head_dim;
         Ok(Self {
-            to_q: linear_b(cfg.query_dim, inner, cfg.qkv_bias, vb.pp("to_q"))?,
-            to_k: linear_b(cfg.context_dim, inner, cfg.qkv_bias, vb.pp("to_k"))?,
-            to_v: linear_b(cfg.context_dim, inner, cfg.qkv_bias, vb.pp("to_v"))?,
-            to_out: linear(inner, cfg.query_dim, vb.pp("to_out").pp("0"))?,
+            to_q: Linear::with_bias(cfg.query_dim, inner, cfg.qkv_bias, vb.pp("to_q"))?,
+            to_k: Linear::with_bias(cfg.context_dim, inner, cfg.qkv_bias, vb.pp("to_k"))?,
+            to_v: Linear::with_bias(cfg.context_dim, inner, cfg.qkv_bias, vb.pp("to_v"))?,
+            to_out: Linear::new(inner, cfg.query_dim, vb.pp("to_out").pp("0"))?,
             heads: cfg.heads,
             head_dim: cfg.head_dim,
         })
@@ -45,10 +47,13 @@ impl Attention {
         let q = self.split_heads(&self.to_q.forward(x)?)?;
         let k = self.split_heads(&self.to_k.forward(context)?)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
-        let out = scaled_dot_product(&q, &k, &v, self.head_dim)?;
-        // [B,H,N,Dh] -> [B,N,H*Dh]
-        let (b, h, n, d) = out.dims4()?;
-        let out = out.transpose(1, 2)?.reshape((b, n, h * d))?;
+        let (b, h, n, d) = q.dims4()?;
+        let m = k.dim(2)?;
+        flops::add(4 * b * h * n * m * d);
+        let flat = |t: &Tensor| t.reshape((b * h, (), d));
+        let out = kernels::attention(&flat(&q)?, &flat(&k)?, &flat(&v)?, 1.0 / (d as f64).sqrt())?;
+        // [B*H,N,Dh] -> [B,N,H*Dh]
+        let out = out.reshape((b, h, n, d))?.transpose(1, 2)?.reshape((b, n, h * d))?;
         self.to_out.forward(&out)
     }
 
@@ -57,13 +62,4 @@ impl Attention {
         let (b, n, _) = t.dims3()?;
         t.reshape((b, n, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
     }
-}
-
-/// softmax(q·kᵀ/√d)·v over [B,H,N,Dh]; the softmax runs in f32 whatever the compute dtype.
-fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, head_dim: usize) -> candle_core::Result<Tensor> {
-    let dtype = q.dtype();
-    let scale = 1.0 / (head_dim as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)? * scale)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
-    probs.matmul(v)
 }

@@ -2,12 +2,21 @@
 //! ResNet blocks, attention, the spatial transformer, down- and upsamplers.
 
 pub mod attention;
+pub mod conv;
+#[cfg(feature = "openblas")]
+pub mod cpu;
+pub mod flops;
+pub mod kernels;
+pub mod linear;
 pub mod resnet;
 pub mod sampling;
 pub mod transformer;
 
 use candle_core::Tensor;
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::VarBuilder;
+
+pub use conv::Conv2d;
+pub use linear::Linear;
 
 /// A 2-D convolution with bias, `padding` on every side.
 pub fn conv2d(
@@ -18,8 +27,7 @@ pub fn conv2d(
     padding: usize,
     vb: VarBuilder,
 ) -> candle_core::Result<Conv2d> {
-    let cfg = Conv2dConfig { padding, stride, ..Default::default() };
-    candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)
+    Conv2d::new(in_channels, out_channels, kernel, stride, padding, vb)
 }
 
 /// SiLU (`x · sigmoid(x)`), the activation of every diffusers ResNet block.

@@ -3,9 +3,9 @@
 //! when the channel count changes. `[B, Cin, H, W] -> [B, Cout, H, W]`.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{group_norm, Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{group_norm, GroupNorm, VarBuilder};
 
-use super::{conv2d, silu};
+use super::{conv2d, silu, Conv2d, Linear};
 
 /// Shape of a ResNet block.
 #[derive(Debug, Clone, Copy)]
@@ -35,7 +35,7 @@ impl ResnetBlock2D {
         Ok(Self {
             norm1: group_norm(cfg.groups, cin, cfg.eps, vb.pp("norm1"))?,
             conv1: conv2d(cin, cout, 3, 1, 1, vb.pp("conv1"))?,
-            time_emb_proj: cfg.temb_channels.map(|t| candle_nn::linear(t, cout, vb.pp("time_emb_proj"))).transpose()?,
+            time_emb_proj: cfg.temb_channels.map(|t| Linear::new(t, cout, vb.pp("time_emb_proj"))).transpose()?,
             norm2: group_norm(cfg.groups, cout, cfg.eps, vb.pp("norm2"))?,
             conv2: conv2d(cout, cout, 3, 1, 1, vb.pp("conv2"))?,
             conv_shortcut: (cin != cout).then(|| conv2d(cin, cout, 1, 1, 0, vb.pp("conv_shortcut"))).transpose()?,

@@ -1,8 +1,10 @@
 //! diffusers' `Downsample2D` and `Upsample2D` (`models/downsampling.py`, `models/upsampling.py`)
 //! in their conv variants.
 
-use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+use super::Conv2d;
 
 use super::conv2d;
 

@@ -4,10 +4,10 @@
 //! projection out, residual. `[B,C,H,W] × [B,77,Cctx] -> [B,C,H,W]`.
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{group_norm, layer_norm, linear, Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{group_norm, layer_norm, GroupNorm, LayerNorm, VarBuilder};
 
 use super::attention::{Attention, AttentionConfig};
-use super::conv2d;
+use super::{conv2d, Conv2d, Linear};
 
 /// Shape of a spatial transformer.
 #[derive(Debug, Clone, Copy)]
@@ -29,7 +29,7 @@ enum Projection {
 impl Projection {
     fn new(vb: VarBuilder, dim: usize, linear_projection: bool) -> candle_core::Result<Self> {
         Ok(if linear_projection {
-            Self::Linear(linear(dim, dim, vb)?)
+            Self::Linear(Linear::new(dim, dim, vb)?)
         } else {
             Self::Conv(conv2d(dim, dim, 1, 1, 0, vb)?)
         })
@@ -46,8 +46,8 @@ impl FeedForward {
     fn new(vb: VarBuilder, dim: usize) -> candle_core::Result<Self> {
         let inner = dim * 4;
         Ok(Self {
-            proj: linear(dim, inner * 2, vb.pp("net").pp("0").pp("proj"))?,
-            out: linear(inner, dim, vb.pp("net").pp("2"))?,
+            proj: Linear::new(dim, inner * 2, vb.pp("net").pp("0").pp("proj"))?,
+            out: Linear::new(inner, dim, vb.pp("net").pp("2"))?,
         })
     }
 

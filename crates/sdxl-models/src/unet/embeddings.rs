@@ -1,8 +1,10 @@
 //! Sinusoidal timestep features and the MLP that embeds them (diffusers'
 //! `models/embeddings.py`: `get_timestep_embedding`, `Timesteps`, `TimestepEmbedding`).
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::nn::Linear;
 
 /// `get_timestep_embedding(t, dim, flip_sin_to_cos, downscale_freq_shift)` in f32:
 /// `[N] -> [N, dim]`, with frequencies `exp(-ln(10000)·i / (dim/2 - shift))`.
@@ -44,8 +46,8 @@ pub struct TimestepEmbedding {
 impl TimestepEmbedding {
     pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> candle_core::Result<Self> {
         Ok(Self {
-            linear_1: linear(in_dim, out_dim, vb.pp("linear_1"))?,
-            linear_2: linear(out_dim, out_dim, vb.pp("linear_2"))?,
+            linear_1: Linear::new(in_dim, out_dim, vb.pp("linear_1"))?,
+            linear_2: Linear::new(out_dim, out_dim, vb.pp("linear_2"))?,
         })
     }
 

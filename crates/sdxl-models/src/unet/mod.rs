@@ -11,7 +11,9 @@ pub mod embeddings;
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{group_norm, Conv2d, GroupNorm, VarBuilder};
+use candle_nn::{group_norm, GroupNorm, VarBuilder};
+
+use crate::nn::Conv2d;
 
 use self::blocks::{DownBlock, MidBlock, Shared, UpBlock};
 use self::config::{UNetConfig, UNetPlan};
@@ -68,13 +70,13 @@ impl UNet {
         let config_path = dir.join("config.json");
         let config = UNetConfig::load(&config_path)?;
         let plan = config.resolve(&config_path)?;
-        if let Some(lora) = &weights.lora {
+        if let Some(lora) = weights.lora() {
             let names = plan.clone();
             lora.set_alias(Component::Unet, Arc::new(move |module| crate::sgm::unet_name(&names, module)));
         }
         let vb =
             weights.var_builder(|prefix| crate::sgm::unet_map(&plan, prefix), Some(Component::Unet), dtype, device);
-        let unet = Self::new(vb, config, &plan, dtype, device).map_err(|e| weights.checkpoint.error(e))?;
+        let unet = Self::new(vb, config, &plan, dtype, device).map_err(|e| weights.error(e))?;
         weights.finish(&[])?;
         Ok(unet)
     }

@@ -3,7 +3,9 @@
 //! GroupNorm, SiLU, conv out.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{group_norm, Conv2d, GroupNorm, VarBuilder};
+use candle_nn::{group_norm, GroupNorm, VarBuilder};
+
+use crate::nn::Conv2d;
 
 use super::VaeConfig;
 use crate::nn::attention::{Attention, AttentionConfig};

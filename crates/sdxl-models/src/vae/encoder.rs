@@ -4,7 +4,9 @@
 //! `2 · latent_channels` moments.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{group_norm, Conv2d, GroupNorm, VarBuilder};
+use candle_nn::{group_norm, GroupNorm, VarBuilder};
+
+use crate::nn::Conv2d;
 
 use super::decoder::MidBlock;
 use super::VaeConfig;

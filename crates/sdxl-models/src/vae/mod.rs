@@ -9,8 +9,8 @@ pub mod encoder;
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::Conv2d;
+use crate::nn::Conv2d;
+use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use self::decoder::Decoder;
@@ -155,7 +155,7 @@ impl Vae {
                 config: config.clone(),
             })
         };
-        let vae = build().map_err(|e| weights.checkpoint.error(e))?;
+        let vae = build().map_err(|e| weights.error(e))?;
         weights.finish(&[])?;
         Ok(vae)
     }

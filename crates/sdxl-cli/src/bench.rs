@@ -1,0 +1,102 @@
+//! `sdxl bench`: time the full-size SDXL architecture (made-up weights, nothing downloaded).
+
+use clap::{Args, ValueEnum};
+use sdxl_engine::bench::{measure, random_sdxl, Component, Measurement};
+
+use crate::model_args::Dtype;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+#[value(rename_all = "snake_case")]
+enum ComponentArg {
+    TextEncoders,
+    UnetStep,
+    UnetStepCfg,
+    VaeDecode,
+    VaeEncode,
+    #[value(name = "image_4step")]
+    Image4step,
+}
+
+impl From<ComponentArg> for Component {
+    fn from(c: ComponentArg) -> Self {
+        match c {
+            ComponentArg::TextEncoders => Component::TextEncoders,
+            ComponentArg::UnetStep => Component::UnetStep,
+            ComponentArg::UnetStepCfg => Component::UnetStepCfg,
+            ComponentArg::VaeDecode => Component::VaeDecode,
+            ComponentArg::VaeEncode => Component::VaeEncode,
+            ComponentArg::Image4step => Component::Image4Step,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// What to time; repeat for several (default: all). image_4step runs at 1024 unless
+    /// --resolution says otherwise.
+    #[arg(long = "component", value_enum)]
+    components: Vec<ComponentArg>,
+    /// Square image sizes in pixels; repeat for several (default: 512 and 1024).
+    #[arg(long = "resolution")]
+    resolutions: Vec<usize>,
+    /// Timed runs per measurement, after one warm-up run; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Compute dtype of the UNet and text encoders (the VAE always runs in f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: Dtype,
+    /// One JSON object per measurement per line, instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.runs == 0 {
+        anyhow::bail!("`--runs` must be at least 1");
+    }
+    let mut components: Vec<Component> = args.components.iter().map(|&c| c.into()).collect();
+    if components.is_empty() {
+        components = Component::ALL.to_vec();
+    }
+    components.sort();
+    components.dedup();
+    let explicit_resolutions = !args.resolutions.is_empty();
+    let resolutions = if explicit_resolutions { args.resolutions.clone() } else { vec![512, 1024] };
+    let device = candle_core::Device::Cpu;
+    let started = std::time::Instant::now();
+    let pipeline = random_sdxl(args.dtype.into(), &device)?;
+    if !args.json {
+        println!(
+            "full-size SDXL, random weights, {:?}, built in {:.1} s; {} timed run(s) after one warm-up",
+            args.dtype,
+            started.elapsed().as_secs_f64(),
+            args.runs
+        );
+        println!("{:<15} {:>10} {:>10} {:>9} {:>13}", "component", "resolution", "median s", "GFLOP/s", "peak RSS MB");
+    }
+    for component in components {
+        let sizes: Vec<usize> = match component {
+            Component::TextEncoders => vec![resolutions[0]],
+            Component::Image4Step if !explicit_resolutions => vec![1024],
+            _ => resolutions.clone(),
+        };
+        for resolution in sizes {
+            let m = measure(&pipeline, component, resolution, args.runs)?;
+            print(&m, args.json)?;
+        }
+    }
+    Ok(())
+}
+
+fn print(m: &Measurement, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(m)?);
+    } else {
+        let resolution = m.resolution.map_or("-".to_string(), |r| format!("{r}²"));
+        println!(
+            "{:<15} {:>10} {:>10.2} {:>9.1} {:>13.0}",
+            m.component, resolution, m.median_s, m.gflops, m.peak_rss_mb
+        );
+    }
+    Ok(())
+}

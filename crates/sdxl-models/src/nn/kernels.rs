@@ -1,0 +1,36 @@
+//! The heavy kernels: matrix products, convolutions and attention. On the CPU in f32, with
+//! the `openblas` feature, they run on OpenBLAS's sgemm ([`super::cpu`]); otherwise, and for
+//! other dtypes and devices, on candle's own ops.
+
+use candle_core::{DType, Tensor};
+
+/// `a · bᵀ` for `a` `[M, K]` and `b` `[N, K]` (a weight as torch stores it): `[M, N]`.
+pub fn matmul_nt(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "openblas")]
+    if super::cpu::applies(&[a, b]) {
+        return super::cpu::matmul_nt(a, b);
+    }
+    a.matmul(&b.t()?)
+}
+
+/// A convolution of `x` `[B, Cin, H, W]` with `weight` `[Cout, Cin, k, k]`, without bias.
+pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "openblas")]
+    if super::cpu::applies(&[x, weight]) {
+        return super::cpu::conv2d(x, weight, stride, padding);
+    }
+    x.conv2d(weight, padding, stride, 1, 1)
+}
+
+/// `softmax(q · kᵀ · scale) · v` per head, for `q` `[BH, N, d]` and `k`, `v` `[BH, M, d]`;
+/// the softmax runs in f32 whatever the compute dtype.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "openblas")]
+    if super::cpu::applies(&[q, k, v]) {
+        return super::cpu::attention(q, k, v, scale as f32);
+    }
+    let dtype = q.dtype();
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+    probs.matmul(v)
+}
