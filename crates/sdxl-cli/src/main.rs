@@ -1,5 +1,6 @@
 //! `sdxl`: the command-line front end.
 
+mod download;
 mod generate;
 mod inspect;
 mod serve;
@@ -22,6 +23,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Serve the Workers AI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Download SDXL-Lightning from the Hugging Face Hub into its cache.
+    Download(download::DownloadArgs),
     /// Show what a weights file or model directory holds, and whether it loads.
     Inspect(inspect::InspectArgs),
 }
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Download(args) => download::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,8 @@
-//! The engine between front ends (CLI, HTTP) and the model library: loading a model
-//! directory, validating requests into [`GenerateRequest`], noise, PNG encoding, and the
+//! The engine between front ends (CLI, HTTP) and the model library: fetching and loading a
+//! model directory, validating requests into [`GenerateRequest`], noise, PNG encoding, and the
 //! job [`Queue`] whose worker thread owns the model.
 
+pub mod download;
 pub mod error;
 pub mod generate;
 pub mod images;
