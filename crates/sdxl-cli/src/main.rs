@@ -1,6 +1,7 @@
 //! `sdxl`: the command-line front end.
 
 mod bench;
+mod download;
 mod generate;
 mod inspect;
 mod model_args;
@@ -24,6 +25,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Serve the Workers AI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Download SDXL-Lightning from the Hugging Face Hub into its cache.
+    Download(download::DownloadArgs),
     /// Show what a weights file or model directory holds, and whether it loads.
     Inspect(inspect::InspectArgs),
     /// Time the full-size architecture with made-up weights (nothing is downloaded).
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Download(args) => download::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use sdxl_engine::download::DownloadOptions;
 use sdxl_engine::queue::{PipelineBackend, Queue, QueueConfig};
 use sdxl_server::{app, AppState, ServerConfig};
 use tokio::sync::Notify;
@@ -16,9 +17,20 @@ use crate::model_args::ModelArgs;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Model: a directory in the diffusers layout or a single-file checkpoint.
+    /// Model: a directory in the diffusers layout or a single-file checkpoint. Without it,
+    /// SDXL-Lightning from the Hugging Face cache, downloaded there first if missing (see
+    /// `sdxl download`).
     #[arg(long, env = "SDXL_MODEL")]
-    model: PathBuf,
+    model: Option<PathBuf>,
+    /// The Lightning UNet (1, 2, 4 or 8 steps) to use when `--model` is absent.
+    #[arg(
+        long,
+        env = "SDXL_LIGHTNING_STEPS",
+        value_name = "N",
+        default_value_t = 4,
+        value_parser = crate::download::lightning_steps
+    )]
+    lightning_steps: u8,
     /// Address to listen on.
     #[arg(long, env = "SDXL_HOST", default_value = "127.0.0.1")]
     host: String,
@@ -62,7 +74,19 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if !args.default_guidance.is_finite() || !(0.0..=30.0).contains(&args.default_guidance) {
         anyhow::bail!("`--default-guidance` must be between 0 and 30, got {}", args.default_guidance);
     }
-    let pipeline = args.model_args.load(&args.model)?;
+    let (model, downloaded_unet) = match &args.model {
+        Some(path) => (path.clone(), None),
+        None => {
+            let options =
+                DownloadOptions { lightning_steps: args.lightning_steps, progress: true, ..Default::default() };
+            let found = sdxl_engine::download::ensure_model(&options)?;
+            (found.dir, Some(found.unet))
+        }
+    };
+    let mut overrides = args.model_args.overrides();
+    overrides.unet = overrides.unet.or(downloaded_unet);
+    let pipeline =
+        sdxl_engine::model::load_with(&model, &overrides, args.model_args.dtype.into(), &candle_core::Device::Cpu)?;
     let queue = Queue::start(PipelineBackend(pipeline), QueueConfig { capacity: args.queue_capacity });
     let config = ServerConfig {
         api_keys: args.api_keys.clone(),
@@ -74,17 +98,17 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let state = AppState::new(queue, config);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(serve(args, state))
+    runtime.block_on(serve(args, model, state))
 }
 
-async fn serve(args: ServeArgs, state: AppState) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs, model: PathBuf, state: AppState) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let address: SocketAddr = listener.local_addr()?;
     tracing::info!(
         %address,
-        model = %args.model.display(),
+        model = %model.display(),
         dtype = ?args.model_args.dtype,
         device = "cpu",
         auth = if state.auth_enabled() { "on" } else { "off" },

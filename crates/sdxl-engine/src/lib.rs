@@ -1,9 +1,10 @@
-//! The engine between front ends (CLI, HTTP) and the model library: loading a model
-//! directory, validating requests into [`GenerateRequest`], noise, PNG encoding, and the
+//! The engine between front ends (CLI, HTTP) and the model library: fetching and loading a
+//! model directory, validating requests into [`GenerateRequest`], noise, PNG encoding, and the
 //! job [`Queue`] whose worker thread owns the model.
 
 pub mod bench;
 pub mod builtin;
+pub mod download;
 pub mod error;
 pub mod generate;
 pub mod images;
