@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
+use crate::hub::{ensure_model, DownloadOptions, LIGHTNING_STEPS};
 use clap::Args;
-use sdxl_engine::download::{ensure_model, DownloadOptions, LIGHTNING_STEPS};
 
 #[derive(Debug, Args)]
 pub struct DownloadArgs {

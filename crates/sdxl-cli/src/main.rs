@@ -3,6 +3,7 @@
 mod bench;
 mod download;
 mod generate;
+mod hub;
 mod inspect;
 mod model_args;
 mod serve;

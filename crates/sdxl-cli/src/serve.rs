@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::hub::DownloadOptions;
 use anyhow::Context;
 use clap::Args;
-use sdxl_engine::download::DownloadOptions;
 use sdxl_engine::queue::{PipelineBackend, Queue, QueueConfig};
 use sdxl_server::{app, AppState, ServerConfig};
 use tokio::sync::Notify;
@@ -79,7 +79,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         None => {
             let options =
                 DownloadOptions { lightning_steps: args.lightning_steps, progress: true, ..Default::default() };
-            let found = sdxl_engine::download::ensure_model(&options)?;
+            let found = crate::hub::ensure_model(&options)?;
             (found.dir, Some(found.unet))
         }
     };

@@ -15,16 +15,6 @@ pub enum Error {
     /// The model library failed.
     #[error(transparent)]
     Models(sdxl_models::Error),
-    /// The Hugging Face Hub did not answer at all.
-    #[error(
-        "cannot reach the Hugging Face Hub at {endpoint} ({cause}); download the files elsewhere and pass \
-         --model DIR, or set HF_HUB_OFFLINE=1 to use the cache"
-    )]
-    HubUnreachable { endpoint: String, cause: String },
-    /// A model file could not be downloaded, failed its checksum, or is missing from the cache
-    /// while offline; `file` is `org/repo/path`.
-    #[error("{file}: {message}")]
-    Download { file: String, message: String },
     /// Writing the output image failed.
     #[error("cannot encode the image: {0}")]
     Encode(String),

@@ -4,7 +4,6 @@
 
 pub mod bench;
 pub mod builtin;
-pub mod download;
 pub mod error;
 pub mod generate;
 pub mod images;

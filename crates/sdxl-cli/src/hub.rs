@@ -15,7 +15,25 @@ use hf_hub::{Cache, Repo};
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, Result};
+/// What can go wrong fetching the model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A bad option, such as an unpublished step count.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The Hugging Face Hub did not answer at all.
+    #[error(
+        "cannot reach the Hugging Face Hub at {endpoint} ({cause}); download the files elsewhere and pass \
+         --model DIR, or set HF_HUB_OFFLINE=1 to use the cache"
+    )]
+    HubUnreachable { endpoint: String, cause: String },
+    /// A model file could not be downloaded, failed its checksum, or is missing from the cache
+    /// while offline; `file` is `org/repo/path`.
+    #[error("{file}: {message}")]
+    Download { file: String, message: String },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
 
 /// The Hub repository holding the configs, tokenizers, text encoders and VAE.
 pub const BASE_REPO: &str = "stabilityai/stable-diffusion-xl-base-1.0";
@@ -72,7 +90,7 @@ pub struct DownloadedModel {
     /// The snapshot directory of [`BASE_REPO`]: a diffusers directory whose `unet/` has only
     /// its config.
     pub dir: PathBuf,
-    /// The Lightning UNet weights, to load with [`crate::model::Overrides::unet`].
+    /// The Lightning UNet weights, to load with `sdxl_engine::model::Overrides::unet`.
     pub unet: PathBuf,
 }
 
