@@ -1,5 +1,5 @@
-//! f32 CPU kernels on OpenBLAS's `sgemm`, which runs SDXL's matrix shapes about 1.5× faster
-//! than candle's own GEMM on AVX2 machines.
+//! f32 CPU kernels on OpenBLAS's `sgemm`, which runs SDXL's matrix shapes several times faster
+//! than candle's own GEMM (see docs/performance.md).
 //!
 //! - Convolutions are banded im2col: a band of output rows at a time is unfolded into a
 //!   bounded buffer and multiplied straight into the NCHW output, so memory stays flat at any
@@ -8,69 +8,111 @@
 //!   whole score matrix is never held.
 
 use std::os::raw::c_int;
+use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
-#[link(name = "openblas")]
-extern "C" {
-    fn cblas_sgemm(
-        layout: c_int,
-        trans_a: c_int,
-        trans_b: c_int,
-        m: c_int,
-        n: c_int,
-        k: c_int,
-        alpha: f32,
-        a: *const f32,
-        lda: c_int,
-        b: *const f32,
-        ldb: c_int,
-        beta: f32,
-        c: *mut f32,
-        ldc: c_int,
-    );
+type Sgemm = unsafe extern "C" fn(
+    layout: c_int,
+    trans_a: c_int,
+    trans_b: c_int,
+    m: c_int,
+    n: c_int,
+    k: c_int,
+    alpha: f32,
+    a: *const f32,
+    lda: c_int,
+    b: *const f32,
+    ldb: c_int,
+    beta: f32,
+    c: *mut f32,
+    ldc: c_int,
+);
+
+/// OpenBLAS, loaded at run time so that a machine without it still runs (on candle's kernels).
+struct OpenBlas {
+    sgemm: Sgemm,
+    _library: libloading::Library,
 }
 
 const ROW_MAJOR: c_int = 101;
 const NO_TRANS: c_int = 111;
 const TRANS: c_int = 112;
 
+/// The system's OpenBLAS, or `None` when it cannot be loaded.
+///
+/// Unless the user chose one, `OPENBLAS_CORETYPE` is set from the CPU's features before
+/// loading (OpenBLAS reads it as it initialises): distributions' OpenBLAS builds fall back to
+/// SSE3 kernels on CPU models newer than they know, several times slower. OpenBLAS threads
+/// each product itself (measured faster than splitting products across rayon's threads).
+fn openblas() -> Option<&'static OpenBlas> {
+    static OPENBLAS: OnceLock<Option<OpenBlas>> = OnceLock::new();
+    OPENBLAS
+        .get_or_init(|| {
+            if std::env::var_os("OPENBLAS_CORETYPE").is_none() {
+                if let Some(core) = core_type() {
+                    std::env::set_var("OPENBLAS_CORETYPE", core);
+                }
+            }
+            ["libopenblas.so.0", "libopenblas.so", "libopenblas.dylib"].iter().find_map(|name| {
+                // SAFETY: loading OpenBLAS runs its initialiser, which only reads the
+                // environment and sizes its buffers.
+                let library = unsafe { libloading::Library::new(name) }.ok()?;
+                // SAFETY: `cblas_sgemm` has the C signature `Sgemm` declares.
+                let sgemm = *unsafe { library.get::<Sgemm>(b"cblas_sgemm\0") }.ok()?;
+                Some(OpenBlas { sgemm, _library: library })
+            })
+        })
+        .as_ref()
+}
+
+/// OpenBLAS's name for the best kernels this CPU runs.
+fn core_type() -> Option<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+            return Some("SkylakeX");
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Some("Haswell");
+        }
+    }
+    None
+}
+
 /// Floats per unfolded band of a convolution, and per block of attention scores (32 MB):
 /// wide enough for GEMM efficiency, small enough to stay near the caches.
 const BAND_ELEMENTS: usize = 8 << 20;
 
-/// Whether these tensors take the OpenBLAS path: f32, on the CPU.
+/// Whether these tensors take the OpenBLAS path: f32, on the CPU, with OpenBLAS installed.
 pub fn applies(tensors: &[&Tensor]) -> bool {
-    tensors.iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
+    tensors.iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu()) && openblas().is_some()
 }
 
-/// Row-major `C = alpha · op(A) · op(B)`, `C` `[m, n]` with row stride `ldc`; `op` transposes
+/// Row-major `C = alpha · A · op(B)`, `C` `[m, n]` with row stride `ldc`; `op` transposes `B`
 /// when asked. The slices are checked to hold every element the call reads or writes.
-#[allow(clippy::too_many_arguments)]
 fn sgemm(
-    (trans_a, trans_b): (bool, bool),
+    trans_b: bool,
     (m, n, k): (usize, usize, usize),
     alpha: f32,
     (a, lda): (&[f32], usize),
     (b, ldb): (&[f32], usize),
     (c, ldc): (&mut [f32], usize),
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let (a_rows, a_cols) = if trans_a { (k, m) } else { (m, k) };
+    let (a_rows, a_cols) = (m, k);
     let (b_rows, b_cols) = if trans_b { (n, k) } else { (k, n) };
     assert!(a_cols <= lda && b_cols <= ldb && n <= ldc, "sgemm: leading dimension too small");
     assert!(a_rows == 0 || a.len() >= (a_rows - 1) * lda + a_cols, "sgemm: A too short");
     assert!(b_rows == 0 || b.len() >= (b_rows - 1) * ldb + b_cols, "sgemm: B too short");
     assert!(c.len() >= (m - 1) * ldc + n, "sgemm: C too short");
     let int = |v: usize| c_int::try_from(v).expect("sgemm: dimension exceeds the BLAS integer range");
+    let openblas = openblas().expect("sgemm runs only where `applies` found OpenBLAS");
     // SAFETY: the assertions above keep every access of the row-major call inside the slices.
     unsafe {
-        cblas_sgemm(
+        (openblas.sgemm)(
             ROW_MAJOR,
-            if trans_a { TRANS } else { NO_TRANS },
+            NO_TRANS,
             if trans_b { TRANS } else { NO_TRANS },
             int(m),
             int(n),
@@ -108,7 +150,7 @@ pub fn matmul_nt(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
         return Err(candle_core::Error::Msg(format!("matmul: inner dimensions {k} and {k2} differ")));
     }
     let mut out = vec![0f32; m * n];
-    with_data(a, |a| with_data(b, |b| sgemm((false, true), (m, n, k), 1.0, (a, k), (b, k), (&mut out, n))))??;
+    with_data(a, |a| with_data(b, |b| sgemm(true, (m, n, k), 1.0, (a, k), (b, k), (&mut out, n))))??;
     Tensor::from_vec(out, (m, n), &Device::Cpu)
 }
 
@@ -160,7 +202,7 @@ impl ConvShape {
         let (out_h, out_w) = (self.out_h(), self.out_w());
         let plane = out_h * out_w;
         if self.k == 1 && self.stride == 1 && self.padding == 0 {
-            sgemm((false, false), (c_out, plane, self.c_in), 1.0, (weight, self.c_in), (input, plane), (output, plane));
+            sgemm(false, (c_out, plane, self.c_in), 1.0, (weight, self.c_in), (input, plane), (output, plane));
             return;
         }
         let depth = self.c_in * self.k * self.k;
@@ -172,7 +214,7 @@ impl ConvShape {
             let columns = &mut columns[..depth * width];
             columns.par_chunks_mut(width).enumerate().for_each(|(row, dst)| self.unfold(input, row, first, dst));
             let band = &mut output[first * out_w..];
-            sgemm((false, false), (c_out, width, depth), 1.0, (weight, depth), (columns, width), (band, plane));
+            sgemm(false, (c_out, width, depth), 1.0, (weight, depth), (columns, width), (band, plane));
         }
     }
 
@@ -230,9 +272,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core:
                     for first in (0..n).step_by(block) {
                         let rows = block.min(n - first);
                         let scores = &mut scores[..rows * m];
-                        sgemm((false, true), (rows, m, d), scale, (&q[first * d..], d), (k, d), (scores, m));
+                        sgemm(true, (rows, m, d), scale, (&q[first * d..], d), (k, d), (scores, m));
                         scores.par_chunks_mut(m).for_each(softmax_in_place);
-                        sgemm((false, false), (rows, d, m), 1.0, (scores, m), (v, d), (&mut out[first * d..], d));
+                        sgemm(false, (rows, d, m), 1.0, (scores, m), (v, d), (&mut out[first * d..], d));
                     }
                 }
             })
@@ -258,6 +300,14 @@ fn softmax_in_place(row: &mut [f32]) {
 mod tests {
     use super::*;
 
+    /// These tests exercise the OpenBLAS kernels themselves, so they need the library.
+    fn require_openblas() {
+        assert!(
+            openblas().is_some(),
+            "OpenBLAS is not installed (apt install libopenblas0), or build with --no-default-features"
+        );
+    }
+
     /// Deterministic values in [-1, 1] that differ per `seed`.
     fn random(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
@@ -271,13 +321,17 @@ mod tests {
 
     #[test]
     fn matmul_matches_candle() {
-        let (a, b) = (random(&[37, 19], 1), random(&[23, 19], 2));
-        let expected = a.matmul(&b.t().unwrap()).unwrap();
-        assert!(max_difference(&matmul_nt(&a, &b).unwrap(), &expected) < 1e-4);
+        require_openblas();
+        for (m, n, k) in [(37, 23, 19), (301, 129, 160)] {
+            let (a, b) = (random(&[m, k], 1), random(&[n, k], 2));
+            let expected = a.matmul(&b.t().unwrap()).unwrap();
+            assert!(max_difference(&matmul_nt(&a, &b).unwrap(), &expected) < 1e-3, "{m}x{n}x{k}");
+        }
     }
 
     #[test]
     fn convolutions_match_candle_for_every_shape_the_models_use() {
+        require_openblas();
         // (Cin, Cout, H, W, k, stride, padding): 3×3 same, strided down-sampling with and
         // without padding, 1×1, and odd sizes.
         let cases = [(3, 5, 9, 7, 3, 1, 1), (4, 6, 10, 9, 3, 2, 1), (4, 6, 10, 9, 3, 2, 0), (6, 3, 5, 4, 1, 1, 0)];
@@ -293,6 +347,7 @@ mod tests {
 
     #[test]
     fn attention_matches_the_plain_formula() {
+        require_openblas();
         let (q, k, v) = (random(&[3, 11, 8], 5), random(&[3, 7, 8], 6), random(&[3, 7, 8], 7));
         let scores = (q.matmul(&k.t().unwrap()).unwrap() * 0.35).unwrap();
         let expected = candle_nn::ops::softmax_last_dim(&scores).unwrap().matmul(&v).unwrap();
