@@ -40,6 +40,7 @@ def tokenizer(folder):
         vocab_file=str(BASE / "tokenizer" / "vocab.json"),
         merges_file=str(BASE / "tokenizer" / "merges.txt"),
         pad_token="<|endoftext|>" if folder == "tokenizer" else "!",
+        model_max_length=77,
     )
 
 
