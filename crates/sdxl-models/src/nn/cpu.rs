@@ -207,7 +207,25 @@ impl ConvShape {
         }
         let depth = self.c_in * self.k * self.k;
         let band_rows = (BAND_ELEMENTS / (depth * out_w)).clamp(1, out_h);
-        let mut columns = vec![0f32; depth * band_rows * out_w];
+        // The unfolded band is scratch space, kept per thread: a fresh 32 MB buffer per
+        // convolution would be paid in page faults.
+        thread_local!(static COLUMNS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) });
+        COLUMNS.with_borrow_mut(|columns| self.run_bands(input, weight, c_out, output, band_rows, columns));
+    }
+
+    fn run_bands(
+        &self,
+        input: &[f32],
+        weight: &[f32],
+        c_out: usize,
+        output: &mut [f32],
+        band_rows: usize,
+        columns: &mut Vec<f32>,
+    ) {
+        let (out_h, out_w) = (self.out_h(), self.out_w());
+        let plane = out_h * out_w;
+        let depth = self.c_in * self.k * self.k;
+        columns.resize(columns.len().max(depth * band_rows * out_w), 0.0);
         for first in (0..out_h).step_by(band_rows) {
             let rows = band_rows.min(out_h - first);
             let width = rows * out_w;
@@ -232,12 +250,14 @@ impl ConvShape {
             }
             let src = &channel[iy as usize * self.w..(iy as usize + 1) * self.w];
             if self.stride == 1 {
-                // output x reads input x + kx - padding: one shifted copy with zero edges
+                // output x reads input x + kx - padding: zero edges around one shifted copy
                 let shift = kx as isize - self.padding as isize;
-                for (ox, value) in dst_row.iter_mut().enumerate() {
-                    let ix = ox as isize + shift;
-                    *value = if ix >= 0 && (ix as usize) < self.w { src[ix as usize] } else { 0.0 };
-                }
+                let first_valid = (-shift).clamp(0, out_w as isize) as usize;
+                let end_valid = (self.w as isize - shift).clamp(first_valid as isize, out_w as isize) as usize;
+                dst_row[..first_valid].fill(0.0);
+                let start = (first_valid as isize + shift) as usize;
+                dst_row[first_valid..end_valid].copy_from_slice(&src[start..start + end_valid - first_valid]);
+                dst_row[end_valid..].fill(0.0);
             } else {
                 for (ox, value) in dst_row.iter_mut().enumerate() {
                     let ix = (ox * self.stride + kx) as isize - self.padding as isize;

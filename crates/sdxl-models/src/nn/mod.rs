@@ -6,6 +6,7 @@ pub mod conv;
 #[cfg(feature = "openblas")]
 pub mod cpu;
 pub mod flops;
+pub mod group_norm;
 pub mod kernels;
 pub mod linear;
 pub mod resnet;
@@ -16,6 +17,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 pub use conv::Conv2d;
+pub use group_norm::GroupNorm;
 pub use linear::Linear;
 
 /// A 2-D convolution with bias, `padding` on every side.

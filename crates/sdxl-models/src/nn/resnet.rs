@@ -2,10 +2,10 @@
 //! GroupNorm → SiLU → conv, plus the projected time embedding, twice, with a 1×1 shortcut
 //! when the channel count changes. `[B, Cin, H, W] -> [B, Cout, H, W]`.
 
-use candle_core::{Module, Tensor};
-use candle_nn::{group_norm, GroupNorm, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
 
-use super::{conv2d, silu, Conv2d, Linear};
+use super::{conv2d, silu, Conv2d, GroupNorm, Linear};
 
 /// Shape of a ResNet block.
 #[derive(Debug, Clone, Copy)]
@@ -33,10 +33,10 @@ impl ResnetBlock2D {
     pub fn new(vb: VarBuilder, cfg: &ResnetConfig) -> candle_core::Result<Self> {
         let (cin, cout) = (cfg.in_channels, cfg.out_channels);
         Ok(Self {
-            norm1: group_norm(cfg.groups, cin, cfg.eps, vb.pp("norm1"))?,
+            norm1: GroupNorm::new(cfg.groups, cin, cfg.eps, vb.pp("norm1"))?,
             conv1: conv2d(cin, cout, 3, 1, 1, vb.pp("conv1"))?,
             time_emb_proj: cfg.temb_channels.map(|t| Linear::new(t, cout, vb.pp("time_emb_proj"))).transpose()?,
-            norm2: group_norm(cfg.groups, cout, cfg.eps, vb.pp("norm2"))?,
+            norm2: GroupNorm::new(cfg.groups, cout, cfg.eps, vb.pp("norm2"))?,
             conv2: conv2d(cout, cout, 3, 1, 1, vb.pp("conv2"))?,
             conv_shortcut: (cin != cout).then(|| conv2d(cin, cout, 1, 1, 0, vb.pp("conv_shortcut"))).transpose()?,
             output_scale_factor: cfg.output_scale_factor,
@@ -45,13 +45,13 @@ impl ResnetBlock2D {
 
     /// `x`: [B,Cin,H,W]; `temb`: [B,T] (required iff the block was built with `temb_channels`).
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let mut h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             // [B,T] -> [B,Cout,1,1]
             let t = proj.forward(&silu(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),

@@ -4,10 +4,10 @@
 //! projection out, residual. `[B,C,H,W] × [B,77,Cctx] -> [B,C,H,W]`.
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{group_norm, layer_norm, GroupNorm, LayerNorm, VarBuilder};
+use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
 use super::attention::{Attention, AttentionConfig};
-use super::{conv2d, Conv2d, Linear};
+use super::{conv2d, Conv2d, GroupNorm, Linear};
 
 /// Shape of a spatial transformer.
 #[derive(Debug, Clone, Copy)]
@@ -105,7 +105,7 @@ impl Transformer2DModel {
     pub fn new(vb: VarBuilder, cfg: &TransformerConfig) -> candle_core::Result<Self> {
         let c = cfg.channels;
         Ok(Self {
-            norm: group_norm(cfg.groups, c, 1e-6, vb.pp("norm"))?,
+            norm: GroupNorm::new(cfg.groups, c, 1e-6, vb.pp("norm"))?,
             proj_in: Projection::new(vb.pp("proj_in"), c, cfg.use_linear_projection)?,
             transformer_blocks: (0..cfg.depth)
                 .map(|i| BasicTransformerBlock::new(vb.pp("transformer_blocks").pp(i), cfg))

@@ -10,15 +10,15 @@ pub mod embeddings;
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{group_norm, GroupNorm, VarBuilder};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 
-use crate::nn::Conv2d;
+use crate::nn::{Conv2d, GroupNorm};
 
 use self::blocks::{DownBlock, MidBlock, Shared, UpBlock};
 use self::config::{UNetConfig, UNetPlan};
 use self::embeddings::{timestep_features, TimestepEmbedding};
-use crate::nn::{conv2d, silu};
+use crate::nn::conv2d;
 use std::sync::Arc;
 
 use crate::lora::Component;
@@ -144,7 +144,7 @@ impl UNet {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: group_norm(config.norm_num_groups, c0, config.norm_eps, vb.pp("conv_norm_out"))?,
+            conv_norm_out: GroupNorm::new(config.norm_num_groups, c0, config.norm_eps, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(
                 c0,
                 config.out_channels,
@@ -228,7 +228,7 @@ impl UNet {
             };
             h = block.forward(&h, &block_skips, &temb, &context, upsample_size)?;
         }
-        let h = self.conv_out.forward(&silu(&self.conv_norm_out.forward(&h)?)?)?;
+        let h = self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)?;
         Ok(h.to_dtype(out_dtype)?)
     }
 }

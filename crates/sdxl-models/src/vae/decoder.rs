@@ -2,16 +2,16 @@
 //! single-head attention, `UpDecoderBlock2D`s (ResNets then a ×2 upsampler, except the last),
 //! GroupNorm, SiLU, conv out.
 
-use candle_core::{Module, Tensor};
-use candle_nn::{group_norm, GroupNorm, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
 
-use crate::nn::Conv2d;
+use crate::nn::{Conv2d, GroupNorm};
 
 use super::VaeConfig;
 use crate::nn::attention::{Attention, AttentionConfig};
+use crate::nn::conv2d;
 use crate::nn::resnet::{ResnetBlock2D, ResnetConfig};
 use crate::nn::sampling::Upsample2D;
-use crate::nn::{conv2d, silu};
 
 const EPS: f64 = 1e-6;
 
@@ -31,7 +31,7 @@ impl SpatialAttention {
             qkv_bias: true,
         };
         Ok(Self {
-            group_norm: group_norm(groups, channels, EPS, vb.pp("group_norm"))?,
+            group_norm: GroupNorm::new(groups, channels, EPS, vb.pp("group_norm"))?,
             attention: Attention::new(vb, &cfg)?,
         })
     }
@@ -129,7 +129,7 @@ impl Decoder {
             conv_in: conv2d(cfg.latent_channels, top, 3, 1, 1, vb.pp("conv_in"))?,
             mid_block: MidBlock::new(vb.pp("mid_block"), top, groups, cfg.mid_block_add_attention)?,
             up_blocks,
-            conv_norm_out: group_norm(groups, cfg.block_out_channels[0], EPS, vb.pp("conv_norm_out"))?,
+            conv_norm_out: GroupNorm::new(groups, cfg.block_out_channels[0], EPS, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(cfg.block_out_channels[0], cfg.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
         })
     }
@@ -146,6 +146,6 @@ impl Decoder {
                 h = up.forward(&h, None)?;
             }
         }
-        self.conv_out.forward(&silu(&self.conv_norm_out.forward(&h)?)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }

@@ -3,16 +3,16 @@
 //! same mid block as the decoder, GroupNorm, SiLU, conv out to the distribution's
 //! `2 · latent_channels` moments.
 
-use candle_core::{Module, Tensor};
-use candle_nn::{group_norm, GroupNorm, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
 
-use crate::nn::Conv2d;
+use crate::nn::{Conv2d, GroupNorm};
 
 use super::decoder::MidBlock;
 use super::VaeConfig;
+use crate::nn::conv2d;
 use crate::nn::resnet::{ResnetBlock2D, ResnetConfig};
 use crate::nn::sampling::Downsample2D;
-use crate::nn::{conv2d, silu};
 
 const EPS: f64 = 1e-6;
 
@@ -60,7 +60,7 @@ impl Encoder {
             conv_in: conv2d(cfg.in_channels, channels[0], 3, 1, 1, vb.pp("conv_in"))?,
             down_blocks,
             mid_block: MidBlock::new(vb.pp("mid_block"), top, groups, cfg.mid_block_add_attention)?,
-            conv_norm_out: group_norm(groups, top, EPS, vb.pp("conv_norm_out"))?,
+            conv_norm_out: GroupNorm::new(groups, top, EPS, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(top, 2 * cfg.latent_channels, 3, 1, 1, vb.pp("conv_out"))?,
         })
     }
@@ -77,6 +77,6 @@ impl Encoder {
             }
         }
         h = self.mid_block.forward(&h)?;
-        self.conv_out.forward(&silu(&self.conv_norm_out.forward(&h)?)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&h)?)
     }
 }
