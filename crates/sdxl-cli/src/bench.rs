@@ -48,6 +48,10 @@ pub struct BenchArgs {
     /// One JSON object per measurement per line, instead of a table.
     #[arg(long)]
     json: bool,
+    /// Time the architecture this diffusers directory describes instead of SDXL base's (its
+    /// configs only; the weights are still made up).
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -64,10 +68,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let resolutions = if explicit_resolutions { args.resolutions.clone() } else { vec![512, 1024] };
     let device = candle_core::Device::Cpu;
     let started = std::time::Instant::now();
-    let pipeline = random_sdxl(args.dtype.into(), &device)?;
+    let pipeline = random_sdxl(args.config.as_deref(), args.dtype.into(), &device)?;
     if !args.json {
         println!(
-            "full-size SDXL, random weights, {:?}, built in {:.1} s; {} timed run(s) after one warm-up",
+            "{}, random weights, {:?}, built in {:.1} s; {} timed run(s) after one warm-up",
+            args.config.as_ref().map_or("full-size SDXL".to_string(), |d| d.display().to_string()),
             args.dtype,
             started.elapsed().as_secs_f64(),
             args.runs

@@ -64,10 +64,10 @@ pub struct Measurement {
     pub runs: usize,
 }
 
-/// The full-size SDXL base architecture (as single-file checkpoints are read) with made-up
-/// weights, computing in `dtype`.
-pub fn random_sdxl(dtype: DType, device: &Device) -> Result<Pipeline> {
-    crate::model::random(dtype, device)
+/// The full-size SDXL base architecture (as single-file checkpoints are read), or the one the
+/// diffusers directory `description` gives, with made-up weights, computing in `dtype`.
+pub fn random_sdxl(description: Option<&std::path::Path>, dtype: DType, device: &Device) -> Result<Pipeline> {
+    crate::model::random(description, dtype, device)
 }
 
 const PROMPT: &str = "a photo of an astronaut riding a horse on the moon, detailed, 35mm";

@@ -123,11 +123,17 @@ pub fn load_with(model: &Path, overrides: &Overrides, dtype: DType, device: &Dev
     }
 }
 
-/// SDXL base's architecture with made-up weights (see [`ComponentWeights::random`]), for
-/// benchmarks.
-pub fn random(dtype: DType, device: &Device) -> Result<Pipeline> {
-    let description = crate::builtin::sdxl_base_description()?;
-    let dir = description.path();
+/// The architecture a diffusers directory describes (SDXL base's when `None`) with made-up
+/// weights (see [`ComponentWeights::random`]), for benchmarks.
+pub fn random(description: Option<&Path>, dtype: DType, device: &Device) -> Result<Pipeline> {
+    let builtin;
+    let dir = match description {
+        Some(dir) => dir,
+        None => {
+            builtin = crate::builtin::sdxl_base_description()?;
+            builtin.path()
+        }
+    };
     build(dir, dir, &Overrides::default(), dtype, device, &|_, _| Ok(ComponentWeights::random()))
 }
 
