@@ -35,7 +35,6 @@ impl Conv2d {
         let out_h = (h + 2 * self.padding - k) / self.stride + 1;
         let out_w = (w + 2 * self.padding - k) / self.stride + 1;
         flops::add(2 * b * c_out * c_in * k * k * out_h * out_w);
-        let y = kernels::conv2d(x, &self.weight, self.stride, self.padding)?;
-        y.broadcast_add(&self.bias.reshape((1, c_out, 1, 1))?)
+        kernels::conv2d(x, &self.weight, &self.bias, self.stride, self.padding)
     }
 }

@@ -82,7 +82,7 @@ fn normalize_group(x: &[f32], y: &mut [f32], plane: usize, gamma: &[f32], beta: 
         if silu {
             for (y, &x) in y.iter_mut().zip(x) {
                 let v = x * scale + shift;
-                *y = v / (1.0 + (-v).exp());
+                *y = v / (1.0 + super::math::exp(-v));
             }
         } else {
             for (y, &x) in y.iter_mut().zip(x) {

@@ -13,13 +13,19 @@ pub fn matmul_nt(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     a.matmul(&b.t()?)
 }
 
-/// A convolution of `x` `[B, Cin, H, W]` with `weight` `[Cout, Cin, k, k]`, without bias.
-pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> candle_core::Result<Tensor> {
+/// A convolution of `x` `[B, Cin, H, W]` with `weight` `[Cout, Cin, k, k]`, plus `bias` `[Cout]`.
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Tensor> {
     #[cfg(feature = "openblas")]
-    if super::cpu::applies(&[x, weight]) {
-        return super::cpu::conv2d(x, weight, stride, padding);
+    if super::cpu::applies(&[x, weight, bias]) {
+        return super::cpu::conv2d(x, weight, bias, stride, padding);
     }
-    x.conv2d(weight, padding, stride, 1, 1)
+    x.conv2d(weight, padding, stride, 1, 1)?.broadcast_add(&bias.reshape((1, (), 1, 1))?)
 }
 
 /// `softmax(q · kᵀ · scale) · v` per head, for `q` `[BH, N, d]` and `k`, `v` `[BH, M, d]`;

@@ -9,6 +9,7 @@ pub mod flops;
 pub mod group_norm;
 pub mod kernels;
 pub mod linear;
+pub mod math;
 pub mod resnet;
 pub mod sampling;
 pub mod transformer;
