@@ -195,12 +195,11 @@ impl Winograd<'_> {
             for ii in 0..OUT.min(out_h - top) {
                 let line = &mut out[(top + ii) * out_w..][..out_w];
                 let c: [&[f32]; IN] = std::array::from_fn(|j| &columns[(ii * IN + j) * tiles_w..][..tiles_w]);
-                for tx in 0..tiles_w {
+                // the last tile may reach past the image's right edge
+                for (tx, pixels) in line.chunks_mut(OUT).enumerate() {
                     let o = output_transform(std::array::from_fn(|j| c[j][tx]));
-                    let x = tx * OUT;
-                    let count = OUT.min(out_w - x);
-                    for (dst, value) in line[x..x + count].iter_mut().zip(o) {
-                        *dst = value + bias;
+                    for (pixel, value) in pixels.iter_mut().zip(o) {
+                        *pixel = value + bias;
                     }
                 }
             }
