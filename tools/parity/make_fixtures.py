@@ -662,6 +662,22 @@ def golden_vae(pipe, spec, out_dir):
                  out_dir / "vae.safetensors")
 
 
+@torch.no_grad()
+def golden_vae_tiled(pipe, out_dir):
+    """Latents larger than the VAE's tile, decoded by diffusers' tiled decoder (`enable_tiling`):
+    two and a half tiles high and not quite two wide, so the last row and column are partial."""
+    vae = pipe.vae
+    g = torch.Generator("cpu").manual_seed(2026)
+    tile = vae.tile_latent_min_size
+    latents = torch.randn(1, vae.config.latent_channels, 2 * tile + tile // 2, tile + tile // 2 + 2, generator=g)
+    vae.enable_tiling()
+    try:
+        decoded = vae.decode(latents).sample
+    finally:
+        vae.disable_tiling()
+    save_tensors({"latents": latents, "decoded": decoded}, out_dir / "vae_tiled.safetensors")
+
+
 def check_image(image, name):
     pixels = np.asarray(image, dtype=np.float64)
     saturated = np.mean((pixels == 0) | (pixels == 255))
@@ -1109,6 +1125,7 @@ def main():
         golden_text(pipe, out_dir)
         golden_unet(pipe, out_dir)
         golden_vae(pipe, spec, out_dir)
+        golden_vae_tiled(pipe, out_dir)
         golden_cases(pipe, spec, out_dir)
         golden_edits(directory, spec, out_dir)
     write_json(library_versions(), GOLDEN / "versions.json")

@@ -39,9 +39,12 @@ pub struct BenchArgs {
     /// Square image sizes in pixels; repeat for several (default: 512 and 1024).
     #[arg(long = "resolution")]
     resolutions: Vec<usize>,
-    /// Timed runs per measurement, after one warm-up run; the median is reported.
+    /// Timed runs per measurement, after the warm-up runs; the median is reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Untimed runs before the timed ones (0 for sizes where one run takes many minutes).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
     /// Compute dtype of the UNet and text encoders (the VAE always runs in f32).
     #[arg(long, value_enum, default_value = "f32")]
     dtype: Dtype,
@@ -71,11 +74,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let pipeline = random_sdxl(args.config.as_deref(), args.dtype.into(), &device)?;
     if !args.json {
         println!(
-            "{}, random weights, {:?}, built in {:.1} s; {} timed run(s) after one warm-up",
+            "{}, random weights, {:?}, built in {:.1} s; {} timed run(s) after {} warm-up run(s)",
             args.config.as_ref().map_or("full-size SDXL".to_string(), |d| d.display().to_string()),
             args.dtype,
             started.elapsed().as_secs_f64(),
-            args.runs
+            args.runs,
+            args.warmup
         );
         println!("{:<15} {:>10} {:>10} {:>9} {:>13}", "component", "resolution", "median s", "GFLOP/s", "peak RSS MB");
     }
@@ -86,7 +90,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             _ => resolutions.clone(),
         };
         for resolution in sizes {
-            let m = measure(&pipeline, component, resolution, args.runs)?;
+            let m = measure(&pipeline, component, resolution, args.warmup, args.runs)?;
             print(&m, args.json)?;
         }
     }

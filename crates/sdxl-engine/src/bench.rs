@@ -1,7 +1,7 @@
 //! `sdxl bench`: timings of the full-size SDXL architecture with made-up weights (speed does
 //! not depend on weight values, so nothing is downloaded).
 //!
-//! Each measurement runs once to warm up, then `runs` times; it reports the median wall time,
+//! Each measurement runs `warmups` times untimed (one by default), then `runs` times; it reports the median wall time,
 //! the achieved GFLOP/s (the FLOPs the matrix products counted, see
 //! [`sdxl_models::nn::flops`], over the median time) and the peak resident memory of the
 //! process during the measured runs (weights included).
@@ -73,7 +73,13 @@ pub fn random_sdxl(description: Option<&std::path::Path>, dtype: DType, device: 
 const PROMPT: &str = "a photo of an astronaut riding a horse on the moon, detailed, 35mm";
 
 /// Times `component` at `resolution` (ignored for the text encoders).
-pub fn measure(pipeline: &Pipeline, component: Component, resolution: usize, runs: usize) -> Result<Measurement> {
+pub fn measure(
+    pipeline: &Pipeline,
+    component: Component,
+    resolution: usize,
+    warmups: usize,
+    runs: usize,
+) -> Result<Measurement> {
     let device = Device::Cpu;
     let f = pipeline.vae_scale_factor();
     if resolution == 0 || !resolution.is_multiple_of(f) {
@@ -127,7 +133,9 @@ pub fn measure(pipeline: &Pipeline, component: Component, resolution: usize, run
             })
         }
     };
-    work()?; // warm-up: first-touch allocations, thread pools
+    for _ in 0..warmups {
+        work()?; // first-touch allocations, thread pools
+    }
     reset_peak_rss();
     flops::take();
     let mut times = Vec::with_capacity(runs);

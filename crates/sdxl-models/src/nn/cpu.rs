@@ -15,6 +15,8 @@ use rayon::prelude::*;
 
 mod winograd;
 
+use super::math::with_avx2;
+
 type Sgemm = unsafe extern "C" fn(
     layout: c_int,
     trans_a: c_int,
@@ -56,6 +58,12 @@ fn openblas() -> Option<&'static OpenBlas> {
                 if let Some(core) = core_type() {
                     std::env::set_var("OPENBLAS_CORETYPE", core);
                 }
+            }
+            // OpenBLAS's idle threads spin (yielding) for about 2²⁸ cycles after each product,
+            // taking cores from the element-wise work between products; 2⁴ makes them sleep
+            // at once (waking costs microseconds, a product milliseconds).
+            if std::env::var_os("OPENBLAS_THREAD_TIMEOUT").is_none() {
+                std::env::set_var("OPENBLAS_THREAD_TIMEOUT", "4");
             }
             ["libopenblas.so.0", "libopenblas.so", "libopenblas.dylib"].iter().find_map(|name| {
                 // SAFETY: loading OpenBLAS runs its initialiser, which only reads the
@@ -321,7 +329,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core:
                         let rows = block.min(n - first);
                         let scores = &mut scores[..rows * m];
                         sgemm(true, (rows, m, d), scale, (&q[first * d..], d), (k, d), (scores, m));
-                        scores.par_chunks_mut(m).for_each(softmax_in_place);
+                        scores.par_chunks_mut(m).for_each(|row| {
+                            with_avx2(
+                                #[inline(always)]
+                                || softmax_in_place(row),
+                            )
+                        });
                         sgemm(false, (rows, d, m), 1.0, (scores, m), (v, d), (&mut out[first * d..], d));
                     }
                 }
@@ -332,6 +345,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core:
 }
 
 /// `x ← exp(x − max) / Σ exp(x − max)`.
+#[inline(always)]
 fn softmax_in_place(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;

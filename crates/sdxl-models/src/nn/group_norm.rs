@@ -9,6 +9,8 @@ use candle_core::{DType, Storage, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use super::math::{self, with_avx2};
+
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     weight: Tensor,
@@ -57,7 +59,11 @@ impl GroupNorm {
             let group_len = per_group * plane;
             out.par_chunks_mut(group_len).zip(input.par_chunks(group_len)).enumerate().for_each(|(i, (y, x))| {
                 let first_channel = (i % self.groups) * per_group;
-                normalize_group(x, y, plane, &weight[first_channel..], &bias[first_channel..], self.eps, silu);
+                let (gamma, beta) = (&weight[first_channel..], &bias[first_channel..]);
+                with_avx2(
+                    #[inline(always)]
+                    || normalize_group(x, y, plane, gamma, beta, self.eps, silu),
+                );
             });
         }
         Tensor::from_vec(out, dims, x.device())
@@ -65,6 +71,7 @@ impl GroupNorm {
 }
 
 /// One group: `y = (x − mean) / √(var + eps) · γ[c] + β[c]`, then SiLU if asked.
+#[inline(always)]
 fn normalize_group(x: &[f32], y: &mut [f32], plane: usize, gamma: &[f32], beta: &[f32], eps: f64, silu: bool) {
     // Two passes, as torch does it: the mean, then the mean squared deviation (no
     // cancellation). f32 partial sums over short runs vectorise; f64 across runs.
@@ -82,7 +89,7 @@ fn normalize_group(x: &[f32], y: &mut [f32], plane: usize, gamma: &[f32], beta: 
         if silu {
             for (y, &x) in y.iter_mut().zip(x) {
                 let v = x * scale + shift;
-                *y = v / (1.0 + super::math::exp(-v));
+                *y = v / (1.0 + math::exp(-v));
             }
         } else {
             for (y, &x) in y.iter_mut().zip(x) {

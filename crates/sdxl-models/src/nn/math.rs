@@ -1,5 +1,27 @@
 //! Element-wise maths that vectorises: libm's `expf` is an opaque call, so a loop around it
-//! runs one element at a time; this inlines into the loop and LLVM widens it.
+//! runs one element at a time; this inlines into the loop and LLVM widens it. And
+//! [`with_avx2`], which runs such loops with 256-bit vectors where the CPU has them, while the
+//! binary stays runnable on any x86-64.
+
+/// Runs `f` compiled for AVX2 and FMA when the CPU has them (else as built). For the code to
+/// be compiled that way it must inline into `f`: pass a closure marked `#[inline(always)]`
+/// that calls `#[inline(always)]` functions. Results are identical either way (no fused
+/// multiply-adds are formed without being asked for).
+#[inline(always)]
+pub fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features `avx2` was compiled for.
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
+}
 
 /// `eˣ` to within 2 ulp for every `x` where `eˣ` is a normal f32 (Cephes' `expf`: `2ⁿ · e^r`
 /// with `n = round(x / ln 2)`, `|r| ≤ ln 2 / 2`, and a degree-6 polynomial for `e^r`);
@@ -11,7 +33,10 @@ pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let x = x.clamp(-87.336_55, 88.376_26);
-    let n = (x * LOG2_E + 0.5).floor();
+    // round to nearest by adding and removing 1.5·2²³ (`round` and `floor` are libm calls
+    // on baseline x86-64, which would stop the loop vectorising); |x·log₂e| < 128 here
+    const ROUNDER: f32 = 12_582_912.0;
+    let n = (x * LOG2_E + ROUNDER) - ROUNDER;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r
         + 0.5;

@@ -6,6 +6,7 @@
 
 pub mod decoder;
 pub mod encoder;
+mod tiling;
 
 use std::path::Path;
 
@@ -54,7 +55,15 @@ pub struct VaeConfig {
     pub use_post_quant_conv: bool,
     #[serde(default = "yes")]
     pub mid_block_add_attention: bool,
+    /// The image size the VAE was trained on; it sets the tile size of tiled decoding.
+    #[serde(default = "thirty_two")]
+    pub sample_size: usize,
 }
+
+/// Images wider or taller than this many pixels are decoded in tiles: SDXL's native 1024²
+/// still decodes in one piece, exactly like diffusers' default; 2048² then needs the memory
+/// of a 1024² decode instead of four times that.
+pub const TILED_ABOVE: usize = 1024;
 
 fn three() -> usize {
     3
@@ -178,12 +187,46 @@ impl Vae {
     }
 
     /// Decodes latents that are already divided by `scaling_factor`: `[B,L,h,w] -> [B,3,h·f,w·f]`.
+    /// Images wider or taller than [`TILED_ABOVE`] are decoded in tiles
+    /// ([`Self::decode_tiled`]), which bounds memory; smaller ones in one piece, as diffusers
+    /// does by default.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = latents.dims4()?;
+        if h.max(w) * self.scale_factor() > TILED_ABOVE && h.max(w) > self.tile_latent_size() {
+            return self.decode_tiled(latents);
+        }
+        self.decode_in_one_piece(latents)
+    }
+
+    /// Decodes without tiling, whatever the size.
+    pub fn decode_in_one_piece(&self, latents: &Tensor) -> Result<Tensor> {
+        Ok(self.decoder.forward(&self.post_quant(latents)?)?)
+    }
+
+    /// Decodes in overlapping tiles exactly as diffusers' `AutoencoderKL` with `enable_tiling()`
+    /// (see [`tiling`]); the same as [`Self::decode`] when the latents fit in one tile.
+    pub fn decode_tiled(&self, latents: &Tensor) -> Result<Tensor> {
+        let z = self.post_quant(latents)?;
+        tiling::decode_tiled(&z, self.tile_latent_size(), self.config.sample_size, |tile| {
+            Ok(self.decoder.forward(tile)?)
+        })
+    }
+
+    fn post_quant(&self, latents: &Tensor) -> Result<Tensor> {
         let z = latents.to_dtype(DType::F32)?;
-        let z = match &self.post_quant_conv {
+        Ok(match &self.post_quant_conv {
             Some(conv) => conv.forward(&z)?,
             None => z,
-        };
-        Ok(self.decoder.forward(&z)?)
+        })
+    }
+
+    /// Image pixels per latent pixel along each axis (8 for SDXL).
+    pub fn scale_factor(&self) -> usize {
+        1 << self.config.block_out_channels.len().saturating_sub(1)
+    }
+
+    /// The tile edge in latent pixels (diffusers' `tile_latent_min_size`; 128 for SDXL).
+    fn tile_latent_size(&self) -> usize {
+        (self.config.sample_size / self.scale_factor()).max(1)
     }
 }

@@ -16,6 +16,7 @@
 use rayon::prelude::*;
 
 use super::sgemm;
+use crate::nn::math::with_avx2;
 
 /// Output tile edge, input tile edge, and positions per transformed tile.
 const OUT: usize = 4;
@@ -94,7 +95,10 @@ impl Winograd<'_> {
             let products = &mut products[..self.c_out * POSITIONS * n];
             tiles.par_chunks_mut(POSITIONS * n).enumerate().for_each(|(c, dst)| {
                 let channel = &input[c * self.h * self.w..][..self.h * self.w];
-                self.transform_input(channel, first_row, rows, tiles_w, dst);
+                with_avx2(
+                    #[inline(always)]
+                    || self.transform_input(channel, first_row, rows, tiles_w, dst),
+                );
             });
             for position in 0..POSITIONS {
                 sgemm(
@@ -108,15 +112,21 @@ impl Winograd<'_> {
             }
             let plane = self.out_h() * self.out_w();
             output.par_chunks_mut(plane).zip(products.par_chunks(POSITIONS * n)).zip(self.bias).for_each(
-                |((out, products), &bias)| self.transform_output(products, bias, first_row, rows, tiles_w, out),
+                |((out, products), &bias)| {
+                    with_avx2(
+                        #[inline(always)]
+                        || self.transform_output(products, bias, first_row, rows, tiles_w, out),
+                    )
+                },
             );
         }
     }
 
     /// `Bᵀ d B` for every tile of one input channel in tile rows `first_row..first_row + rows`,
-    /// written to `dst` `[36][tiles]`. Both passes run across a whole row of tiles at once,
-    /// so they vectorise: each input line is first split into its four column phases
+    /// written to `dst` `[36][tiles]`. Both passes run across a whole row of tiles at once
+    /// ([`map_lanes`]): each input line is first split into its four column phases
     /// (`phase[c][t]` = column `4t + c`), which makes "column `j` of every tile" a plain slice.
+    #[inline(always)]
     fn transform_input(&self, channel: &[f32], first_row: usize, rows: usize, tiles_w: usize, dst: &mut [f32]) {
         let n = rows * tiles_w;
         let stride = tiles_w + 1;
@@ -125,6 +135,7 @@ impl Winograd<'_> {
         let mut padded = vec![0f32; OUT * stride];
         // lines[y][j]: element j of line y of each tile after the row transform, `[6][6][tiles_w]`
         let mut lines = vec![0f32; IN * IN * tiles_w];
+        let mut transformed = vec![0f32; IN * tiles_w];
         for row in 0..rows {
             let top = ((first_row + row) * OUT) as isize - self.padding as isize;
             for (y, line) in lines.chunks_exact_mut(IN * tiles_w).enumerate() {
@@ -143,23 +154,15 @@ impl Winograd<'_> {
                 for (t, quad) in padded.chunks_exact(OUT).enumerate() {
                     (p0[t], p1[t], p2[t], p3[t]) = (quad[0], quad[1], quad[2], quad[3]);
                 }
-                let d: [&[f32]; IN] = std::array::from_fn(|j| &phases[(j % OUT) * stride + j / OUT..][..tiles_w]);
-                let out: [&mut [f32]; IN] = split6(line, tiles_w);
-                for tx in 0..tiles_w {
-                    let t = input_transform(std::array::from_fn(|j| d[j][tx]));
-                    for j in 0..IN {
-                        out[j][tx] = t[j];
-                    }
-                }
+                let d = std::array::from_fn(|j| &phases[(j % OUT) * stride + j / OUT..][..tiles_w]);
+                map_lanes(d, line, input_transform);
             }
             let base = row * tiles_w;
             for j in 0..IN {
-                let d: [&[f32]; IN] = std::array::from_fn(|y| &lines[(y * IN + j) * tiles_w..][..tiles_w]);
-                for tx in 0..tiles_w {
-                    let t = input_transform(std::array::from_fn(|y| d[y][tx]));
-                    for i in 0..IN {
-                        dst[(i * IN + j) * n + base + tx] = t[i];
-                    }
+                let d = std::array::from_fn(|y| &lines[(y * IN + j) * tiles_w..][..tiles_w]);
+                map_lanes(d, &mut transformed, input_transform);
+                for (i, values) in transformed.chunks_exact(tiles_w).enumerate() {
+                    dst[(i * IN + j) * n + base..][..tiles_w].copy_from_slice(values);
                 }
             }
         }
@@ -167,6 +170,7 @@ impl Winograd<'_> {
 
     /// `Aᵀ m A` (+ `bias`) for every tile of one output channel, from `products` `[36][tiles]`
     /// into the output plane; vectorised across each row of tiles like the input transform.
+    #[inline(always)]
     fn transform_output(
         &self,
         products: &[f32],
@@ -178,28 +182,25 @@ impl Winograd<'_> {
     ) {
         let n = rows * tiles_w;
         let (out_h, out_w) = (self.out_h(), self.out_w());
-        // columns[ii][j]: line ii of each tile after the column transform, `[4][6][tiles_w]`
-        let mut columns = vec![0f32; OUT * IN * tiles_w];
+        // columns[j][ii]: line ii of each tile after the column transform, `[6][4][tiles_w]`
+        let mut columns = vec![0f32; IN * OUT * tiles_w];
+        // pixel jj of line ii of each tile, `[4][tiles_w]`
+        let mut pixels = vec![0f32; OUT * tiles_w];
         for row in 0..rows {
             let base = row * tiles_w;
-            for j in 0..IN {
-                let m: [&[f32]; IN] = std::array::from_fn(|i| &products[(i * IN + j) * n + base..][..tiles_w]);
-                for tx in 0..tiles_w {
-                    let o = output_transform(std::array::from_fn(|i| m[i][tx]));
-                    for ii in 0..OUT {
-                        columns[(ii * IN + j) * tiles_w + tx] = o[ii];
-                    }
-                }
+            for (j, column) in columns.chunks_exact_mut(OUT * tiles_w).enumerate() {
+                let m = std::array::from_fn(|i| &products[(i * IN + j) * n + base..][..tiles_w]);
+                map_lanes(m, column, output_transform);
             }
             let top = (first_row + row) * OUT;
             for ii in 0..OUT.min(out_h - top) {
+                let c = std::array::from_fn(|j| &columns[(j * OUT + ii) * tiles_w..][..tiles_w]);
+                map_lanes(c, &mut pixels, output_transform);
                 let line = &mut out[(top + ii) * out_w..][..out_w];
-                let c: [&[f32]; IN] = std::array::from_fn(|j| &columns[(ii * IN + j) * tiles_w..][..tiles_w]);
                 // the last tile may reach past the image's right edge
-                for (tx, pixels) in line.chunks_mut(OUT).enumerate() {
-                    let o = output_transform(std::array::from_fn(|j| c[j][tx]));
-                    for (pixel, value) in pixels.iter_mut().zip(o) {
-                        *pixel = value + bias;
+                for (tx, tile) in line.chunks_mut(OUT).enumerate() {
+                    for (jj, pixel) in tile.iter_mut().enumerate() {
+                        *pixel = pixels[jj * tiles_w + tx] + bias;
                     }
                 }
             }
@@ -207,10 +208,34 @@ impl Winograd<'_> {
     }
 }
 
-/// `buffer` `[6 · len]` as six mutable slices of `len`.
-fn split6(buffer: &mut [f32], len: usize) -> [&mut [f32]; IN] {
-    let mut parts = buffer.chunks_exact_mut(len);
-    std::array::from_fn(|_| parts.next().expect("six parts"))
+/// `outputs[k][t] = f(inputs[0][t], …, inputs[5][t])[k]` for every `t`, `outputs` `[N][len]`.
+/// Eight lanes at a time through fixed-size arrays, which LLVM turns into vector code (the
+/// same loop over slices stays scalar).
+#[inline(always)]
+fn map_lanes<const N: usize>(inputs: [&[f32]; IN], outputs: &mut [f32], f: impl Fn([f32; IN]) -> [f32; N]) {
+    const LANES: usize = 8;
+    let len = inputs[0].len();
+    assert!(inputs.iter().all(|input| input.len() == len) && outputs.len() == N * len);
+    let whole = len - len % LANES;
+    for start in (0..whole).step_by(LANES) {
+        let x: [[f32; LANES]; IN] = std::array::from_fn(|j| inputs[j][start..start + LANES].try_into().unwrap());
+        let mut y = [[0f32; LANES]; N];
+        for lane in 0..LANES {
+            let r = f(std::array::from_fn(|j| x[j][lane]));
+            for k in 0..N {
+                y[k][lane] = r[k];
+            }
+        }
+        for (k, values) in y.iter().enumerate() {
+            outputs[k * len + start..][..LANES].copy_from_slice(values);
+        }
+    }
+    for t in whole..len {
+        let r = f(std::array::from_fn(|j| inputs[j][t]));
+        for k in 0..N {
+            outputs[k * len + t] = r[k];
+        }
+    }
 }
 
 /// `G · g` for one column (or row) of a 3×3 kernel.
