@@ -3,7 +3,9 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use super::{flops, kernels};
+#[cfg(feature = "openblas")]
+use super::cpu;
+use super::{flops, kernels, GroupNorm};
 
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -30,11 +32,112 @@ impl Conv2d {
 
     /// `[B, Cin, H, W] -> [B, Cout, H', W']`
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, _, h, w) = x.dims4()?;
+        let (_, _, h, w) = x.dims4()?;
+        self.count_flops(x, h, w)?;
+        kernels::conv2d(x, &self.weight, &self.bias, self.stride, self.padding)
+    }
+
+    /// `self(silu(norm(x)))`, with the normalisation applied as the convolution reads its
+    /// input where the kernel allows it, so the normalised tensor is never stored.
+    pub fn forward_group_norm_silu(&self, x: &Tensor, norm: &GroupNorm) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "openblas")]
+        if self.winograd_applies(x, false) {
+            if let Some((scale, shift)) = norm.channel_affine(x)? {
+                let (_, _, h, w) = x.dims4()?;
+                self.count_flops(x, h, w)?;
+                return cpu::winograd_conv2d(x, &self.weight, &self.bias, self.padding, false, Some((&scale, &shift)));
+            }
+        }
+        self.forward(&norm.forward_silu(x)?)
+    }
+
+    /// `self(x upsampled 2× by nearest neighbour)`, without storing the upsampled tensor where
+    /// the kernel allows it.
+    pub fn forward_upsampled(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        #[cfg(feature = "openblas")]
+        if self.winograd_applies(x, true) {
+            self.count_flops(x, 2 * h, 2 * w)?;
+            return cpu::winograd_conv2d(x, &self.weight, &self.bias, self.padding, true, None);
+        }
+        self.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
+    }
+
+    #[cfg(feature = "openblas")]
+    fn winograd_applies(&self, x: &Tensor, upsample: bool) -> bool {
+        self.stride == 1
+            && cpu::applies(&[x, &self.weight, &self.bias])
+            && cpu::winograd_applies(x, &self.weight, self.padding, upsample)
+    }
+
+    /// Counts the multiply-adds of convolving `x` seen at `h × w` (see [`flops`]).
+    fn count_flops(&self, x: &Tensor, h: usize, w: usize) -> candle_core::Result<()> {
+        let b = x.dim(0)?;
         let (c_out, c_in, k, _) = self.weight.dims4()?;
         let out_h = (h + 2 * self.padding - k) / self.stride + 1;
         let out_w = (w + 2 * self.padding - k) / self.stride + 1;
         flops::add(2 * b * c_out * c_in * k * k * out_h * out_w);
-        kernels::conv2d(x, &self.weight, &self.bias, self.stride, self.padding)
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::VarBuilder;
+
+    use super::*;
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|i| ((i as f32 + 0.5) * 0.7548 + seed as f32 * 1.37).sin()).collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    fn layers(c_in: usize, c_out: usize) -> (Conv2d, GroupNorm) {
+        let tensors = [
+            ("conv.weight", random(&[c_out, c_in, 3, 3], 1)),
+            ("conv.bias", random(&[c_out], 2)),
+            ("norm.weight", random(&[c_in], 3)),
+            ("norm.bias", random(&[c_in], 4)),
+        ]
+        .map(|(name, t)| (name.to_string(), t));
+        let vb = VarBuilder::from_tensors(tensors.into_iter().collect(), DType::F32, &Device::Cpu);
+        let conv = Conv2d::new(c_in, c_out, 3, 1, 1, vb.pp("conv")).unwrap();
+        let norm = GroupNorm::new(4, c_in, 1e-6, vb.pp("norm")).unwrap();
+        (conv, norm)
+    }
+
+    fn identical(a: &Tensor, b: &Tensor) -> bool {
+        a.dims() == b.dims()
+            && a.flatten_all().unwrap().to_vec1::<f32>().unwrap() == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    // The fused paths must give the very bits of the unfused ones, at sizes that take the
+    // Winograd kernel (≥ 64 tiles) and at sizes that do not.
+    #[test]
+    fn fused_group_norm_silu_gives_the_unfused_bits() {
+        for (c_in, c_out, h, w) in [(16, 8, 34, 37), (8, 12, 6, 5)] {
+            let (conv, norm) = layers(c_in, c_out);
+            let x = random(&[2, c_in, h, w], 5).affine(3.0, 0.5).unwrap();
+            #[cfg(feature = "openblas")]
+            assert_eq!(conv.winograd_applies(&x, false), h > 8, "the case must test the path it is meant for");
+            let fused = conv.forward_group_norm_silu(&x, &norm).unwrap();
+            let unfused = conv.forward(&norm.forward_silu(&x).unwrap()).unwrap();
+            assert!(identical(&fused, &unfused), "{:?}", (c_in, c_out, h, w));
+        }
+    }
+
+    #[test]
+    fn fused_upsampling_gives_the_unfused_bits() {
+        for (c_in, c_out, h, w) in [(8, 16, 17, 19), (8, 8, 3, 4)] {
+            let (conv, _) = layers(c_in, c_out);
+            let x = random(&[2, c_in, h, w], 6);
+            #[cfg(feature = "openblas")]
+            assert_eq!(conv.winograd_applies(&x, true), h > 8, "the case must test the path it is meant for");
+            let fused = conv.forward_upsampled(&x).unwrap();
+            let unfused = conv.forward(&x.upsample_nearest2d(2 * h, 2 * w).unwrap()).unwrap();
+            assert!(identical(&fused, &unfused), "{:?}", (c_in, c_out, h, w));
+        }
     }
 }

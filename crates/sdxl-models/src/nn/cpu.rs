@@ -183,35 +183,69 @@ pub fn conv2d(
     }
     let shape = ConvShape { c_in, h, w, k: kh, stride, padding };
     let (out_h, out_w) = (shape.out_h(), shape.out_w());
+    if kh == 3 && stride == 1 && winograd::worthwhile(c_in, c_out, out_h, out_w) {
+        return winograd_conv2d(x, weight, bias, padding, false, None);
+    }
     let plane = out_h * out_w;
     let mut out = vec![0f32; batch * c_out * plane];
-    let (image_in, image_out) = (c_in * h * w, c_out * plane);
-    if kh == 3 && stride == 1 && winograd::worthwhile(c_in, c_out, out_h, out_w) {
-        let kernels = with_data(weight, |weight| winograd::transform_kernels(weight, c_out, c_in))?;
-        let bias = bias.to_vec1::<f32>()?;
-        let layer = winograd::Winograd { c_in, c_out, h, w, padding, kernels: &kernels, bias: &bias };
-        // scratch kept per thread, like the im2col band
-        thread_local!(static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) });
-        with_data(x, |x| {
-            SCRATCH.with_borrow_mut(|(tiles, products)| {
-                for (input, output) in x.chunks_exact(image_in).zip(out.chunks_exact_mut(image_out)) {
-                    layer.run(input, output, tiles, products);
-                }
-            })
-        })?;
-    } else {
-        with_data(x, |x| {
-            with_data(weight, |weight| {
-                for (input, output) in x.chunks_exact(image_in).zip(out.chunks_exact_mut(image_out)) {
-                    shape.run(input, weight, c_out, output);
-                }
-            })
-        })??;
-        let bias = bias.to_vec1::<f32>()?;
-        out.par_chunks_mut(plane)
-            .enumerate()
-            .for_each(|(i, plane)| plane.iter_mut().for_each(|v| *v += bias[i % c_out]));
-    }
+    with_data(x, |x| {
+        with_data(weight, |weight| {
+            for (input, output) in x.chunks_exact(c_in * h * w).zip(out.chunks_exact_mut(c_out * plane)) {
+                shape.run(input, weight, c_out, output);
+            }
+        })
+    })??;
+    let bias = bias.to_vec1::<f32>()?;
+    out.par_chunks_mut(plane).enumerate().for_each(|(i, plane)| plane.iter_mut().for_each(|v| *v += bias[i % c_out]));
+    Tensor::from_vec(out, (batch, c_out, out_h, out_w), &Device::Cpu)
+}
+
+/// Whether [`winograd_conv2d`] takes this 3×3 stride-1 convolution of `x` (after 2×
+/// upsampling when `upsample`): enough output tiles to beat im2col.
+pub fn winograd_applies(x: &Tensor, weight: &Tensor, padding: usize, upsample: bool) -> bool {
+    let (Ok((_, c_in, h, w)), Ok((c_out, c_in2, 3, 3))) = (x.dims4(), weight.dims4()) else {
+        return false;
+    };
+    let scale = if upsample { 2 } else { 1 };
+    let (in_h, in_w) = (scale * h, scale * w);
+    c_in == c_in2
+        && in_h + 2 * padding >= 3
+        && in_w + 2 * padding >= 3
+        && winograd::worthwhile(c_in, c_out, in_h + 2 * padding - 2, in_w + 2 * padding - 2)
+}
+
+/// A 3×3 stride-1 convolution plus bias by Winograd's F(4×4, 3×3), of `x` after nearest 2×
+/// upsampling when `upsample`, and after `silu(x · scale + shift)` per (image, channel) when
+/// `affine` (`[B · Cin]` each) is given; neither intermediate is stored.
+pub fn winograd_conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    padding: usize,
+    upsample: bool,
+    affine: Option<(&[f32], &[f32])>,
+) -> candle_core::Result<Tensor> {
+    let (batch, c_in, h, w) = x.dims4()?;
+    let (c_out, _, _, _) = weight.dims4()?;
+    let kernels = with_data(weight, |weight| winograd::transform_kernels(weight, c_out, c_in))?;
+    let bias = bias.to_vec1::<f32>()?;
+    let layer = winograd::Winograd { c_in, c_out, h, w, padding, upsample, kernels: &kernels, bias: &bias };
+    let (out_h, out_w) = (layer.out_h(), layer.out_w());
+    let mut out = vec![0f32; batch * c_out * out_h * out_w];
+    // scratch kept per thread, like the im2col band
+    thread_local!(static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) });
+    with_data(x, |x| {
+        SCRATCH.with_borrow_mut(|(tiles, products)| {
+            let images = x.chunks_exact(c_in * h * w).zip(out.chunks_exact_mut(c_out * out_h * out_w));
+            for (b, (input, output)) in images.enumerate() {
+                let prologue = affine.map(|(scale, shift)| winograd::Prologue {
+                    scale: &scale[b * c_in..][..c_in],
+                    shift: &shift[b * c_in..][..c_in],
+                });
+                layer.run(input, prologue.as_ref(), output, tiles, products);
+            }
+        })
+    })?;
     Tensor::from_vec(out, (batch, c_out, out_h, out_w), &Device::Cpu)
 }
 

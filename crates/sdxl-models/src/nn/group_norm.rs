@@ -38,9 +38,43 @@ impl GroupNorm {
         self.run(x, true)
     }
 
+    /// The normalisation of `x` `[B, C, ...]` as a per-channel `x · scale + shift`:
+    /// `(scale, shift)`, each `[B · C]`, equal to what [`Self::forward`] applies. `None` where
+    /// the fused kernel does not run (other dtypes and devices).
+    pub fn channel_affine(&self, x: &Tensor) -> candle_core::Result<Option<(Vec<f32>, Vec<f32>)>> {
+        if !self.fused(x) {
+            return Ok(None);
+        }
+        let channels = x.dim(1)?;
+        let per_group = channels / self.groups;
+        let group_len = x.elem_count() / (x.dim(0)? * self.groups).max(1);
+        let x = x.contiguous()?;
+        let (weight, bias) = (self.weight.to_vec1::<f32>()?, self.bias.to_vec1::<f32>()?);
+        let (storage, layout) = x.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else { unreachable!("checked: a CPU tensor") };
+        let (start, end) = layout.contiguous_offsets().expect("made contiguous above");
+        let input = &cpu.as_slice::<f32>()?[start..end];
+        let affine: Vec<Vec<(f32, f32)>> = input
+            .par_chunks(group_len)
+            .enumerate()
+            .map(|(i, x)| {
+                let stats = with_avx2(
+                    #[inline(always)]
+                    || GroupStats::of(x, self.eps),
+                );
+                let first = (i % self.groups) * per_group;
+                (first..first + per_group).map(|c| stats.affine(weight[c], bias[c])).collect()
+            })
+            .collect();
+        Ok(Some(affine.into_iter().flatten().unzip()))
+    }
+
+    fn fused(&self, x: &Tensor) -> bool {
+        x.dtype() == DType::F32 && x.device().is_cpu() && self.weight.dtype() == DType::F32
+    }
+
     fn run(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
-        let fused = x.dtype() == DType::F32 && x.device().is_cpu() && self.weight.dtype() == DType::F32;
-        if !fused {
+        if !self.fused(x) {
             let y = candle_core::Module::forward(&self.fallback, x)?;
             return if silu { candle_nn::ops::silu(&y) } else { Ok(y) };
         }
@@ -73,29 +107,47 @@ impl GroupNorm {
 /// One group: `y = (x − mean) / √(var + eps) · γ[c] + β[c]`, then SiLU if asked.
 #[inline(always)]
 fn normalize_group(x: &[f32], y: &mut [f32], plane: usize, gamma: &[f32], beta: &[f32], eps: f64, silu: bool) {
-    // Two passes, as torch does it: the mean, then the mean squared deviation (no
-    // cancellation). f32 partial sums over short runs vectorise; f64 across runs.
-    let sum_by_runs = |f: &dyn Fn(f32) -> f32| -> f64 {
-        x.chunks(1024).map(|run| f64::from(run.iter().fold(0f32, |acc, &v| acc + f(v)))).sum()
-    };
-    let n = x.len() as f64;
-    let mean = sum_by_runs(&|v| v) / n;
-    let mean_f32 = mean as f32;
-    let var = sum_by_runs(&|v| (v - mean_f32) * (v - mean_f32)) / n;
-    let rstd = 1.0 / (var + eps).sqrt();
+    let stats = GroupStats::of(x, eps);
     for (c, (x, y)) in x.chunks_exact(plane).zip(y.chunks_exact_mut(plane)).enumerate() {
-        let scale = (rstd * f64::from(gamma[c])) as f32;
-        let shift = (f64::from(beta[c]) - mean * rstd * f64::from(gamma[c])) as f32;
+        let (scale, shift) = stats.affine(gamma[c], beta[c]);
         if silu {
             for (y, &x) in y.iter_mut().zip(x) {
-                let v = x * scale + shift;
-                *y = v / (1.0 + math::exp(-v));
+                *y = math::silu(x * scale + shift);
             }
         } else {
             for (y, &x) in y.iter_mut().zip(x) {
                 *y = x * scale + shift;
             }
         }
+    }
+}
+
+/// A group's mean and `1 / √(var + eps)`, in f64.
+struct GroupStats {
+    mean: f64,
+    rstd: f64,
+}
+
+impl GroupStats {
+    #[inline(always)]
+    fn of(x: &[f32], eps: f64) -> Self {
+        // Two passes, as torch does it: the mean, then the mean squared deviation (no
+        // cancellation). f32 partial sums over short runs vectorise; f64 across runs.
+        let sum_by_runs = |f: &dyn Fn(f32) -> f32| -> f64 {
+            x.chunks(1024).map(|run| f64::from(run.iter().fold(0f32, |acc, &v| acc + f(v)))).sum()
+        };
+        let n = x.len() as f64;
+        let mean = sum_by_runs(&|v| v) / n;
+        let mean_f32 = mean as f32;
+        let var = sum_by_runs(&|v| (v - mean_f32) * (v - mean_f32)) / n;
+        Self { mean, rstd: 1.0 / (var + eps).sqrt() }
+    }
+
+    /// The normalisation of one channel as `x · scale + shift`.
+    fn affine(&self, gamma: f32, beta: f32) -> (f32, f32) {
+        let scale = (self.rstd * f64::from(gamma)) as f32;
+        let shift = (f64::from(beta) - self.mean * self.rstd * f64::from(gamma)) as f32;
+        (scale, shift)
     }
 }
 

@@ -44,6 +44,13 @@ pub fn exp(x: f32) -> f32 {
     e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// `x · sigmoid(x)`, the way every fused kernel computes it (so fused and unfused paths agree
+/// to the bit).
+#[inline(always)]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + exp(-x))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -45,13 +45,13 @@ impl ResnetBlock2D {
 
     /// `x`: [B,Cin,H,W]; `temb`: [B,T] (required iff the block was built with `temb_channels`).
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
+        let mut h = self.conv1.forward_group_norm_silu(x, &self.norm1)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             // [B,T] -> [B,Cout,1,1]
             let t = proj.forward(&silu(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
+        let h = self.conv2.forward_group_norm_silu(&h, &self.norm2)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),

@@ -16,7 +16,7 @@
 use rayon::prelude::*;
 
 use super::sgemm;
-use crate::nn::math::with_avx2;
+use crate::nn::math::{self, with_avx2};
 
 /// Output tile edge, input tile edge, and positions per transformed tile.
 const OUT: usize = 4;
@@ -35,13 +35,19 @@ pub(super) fn worthwhile(c_in: usize, c_out: usize, out_h: usize, out_w: usize) 
 }
 
 /// One image: `input` `[Cin, H, W]`, `weight` `[Cout, Cin, 3, 3]` → `output` `[Cout, H', W']`
-/// with `H' = H + 2·padding − 2`.
+/// with `H' = 2H + 2·padding − 2` when `upsample`, else `H + 2·padding − 2`.
+///
+/// What would be separate passes over the input before the convolution is applied as each
+/// input line is read (see [`Prologue`]), so the pre-processed input is never stored: a
+/// 2048² VAE layer's would be gigabytes.
 pub(super) struct Winograd<'a> {
     pub c_in: usize,
     pub c_out: usize,
     pub h: usize,
     pub w: usize,
     pub padding: usize,
+    /// Nearest-neighbour 2× upsampling of the input first (diffusers' `Upsample2D`).
+    pub upsample: bool,
     /// Transformed kernels, `[Cout][36][Cin]`.
     pub kernels: &'a [f32],
     /// `[Cout]`, added to the output.
@@ -72,17 +78,48 @@ pub(super) fn transform_kernels(weight: &[f32], c_out: usize, c_in: usize) -> Ve
     kernels
 }
 
+/// Per input channel `c`, `silu(x · scale[c] + shift[c])` (a group norm and SiLU) before the
+/// convolution; `[Cin]` each.
+pub(super) struct Prologue<'a> {
+    pub scale: &'a [f32],
+    pub shift: &'a [f32],
+}
+
 impl Winograd<'_> {
+    /// The convolution's input size (after upsampling).
+    fn in_h(&self) -> usize {
+        if self.upsample {
+            2 * self.h
+        } else {
+            self.h
+        }
+    }
+
+    fn in_w(&self) -> usize {
+        if self.upsample {
+            2 * self.w
+        } else {
+            self.w
+        }
+    }
+
     pub fn out_h(&self) -> usize {
-        self.h + 2 * self.padding - 2
+        self.in_h() + 2 * self.padding - 2
     }
 
     pub fn out_w(&self) -> usize {
-        self.w + 2 * self.padding - 2
+        self.in_w() + 2 * self.padding - 2
     }
 
     /// Convolves one image; `tiles` and `products` are reusable scratch space.
-    pub fn run(&self, input: &[f32], output: &mut [f32], tiles: &mut Vec<f32>, products: &mut Vec<f32>) {
+    pub fn run(
+        &self,
+        input: &[f32],
+        prologue: Option<&Prologue>,
+        output: &mut [f32],
+        tiles: &mut Vec<f32>,
+        products: &mut Vec<f32>,
+    ) {
         let (tiles_h, tiles_w) = (self.out_h().div_ceil(OUT), self.out_w().div_ceil(OUT));
         let rows_per_chunk = (CHUNK_ELEMENTS / (POSITIONS * self.c_in.max(self.c_out) * tiles_w)).clamp(1, tiles_h);
         let chunk_tiles = rows_per_chunk * tiles_w;
@@ -95,9 +132,10 @@ impl Winograd<'_> {
             let products = &mut products[..self.c_out * POSITIONS * n];
             tiles.par_chunks_mut(POSITIONS * n).enumerate().for_each(|(c, dst)| {
                 let channel = &input[c * self.h * self.w..][..self.h * self.w];
+                let affine = prologue.map(|p| (p.scale[c], p.shift[c]));
                 with_avx2(
                     #[inline(always)]
-                    || self.transform_input(channel, first_row, rows, tiles_w, dst),
+                    || self.transform_input(channel, affine, first_row, rows, tiles_w, dst),
                 );
             });
             for position in 0..POSITIONS {
@@ -127,7 +165,16 @@ impl Winograd<'_> {
     /// ([`map_lanes`]): each input line is first split into its four column phases
     /// (`phase[c][t]` = column `4t + c`), which makes "column `j` of every tile" a plain slice.
     #[inline(always)]
-    fn transform_input(&self, channel: &[f32], first_row: usize, rows: usize, tiles_w: usize, dst: &mut [f32]) {
+    fn transform_input(
+        &self,
+        channel: &[f32],
+        affine: Option<(f32, f32)>,
+        first_row: usize,
+        rows: usize,
+        tiles_w: usize,
+        dst: &mut [f32],
+    ) {
+        let (in_h, in_w) = (self.in_h(), self.in_w());
         let n = rows * tiles_w;
         let stride = tiles_w + 1;
         let mut phases = vec![0f32; OUT * stride];
@@ -140,14 +187,29 @@ impl Winograd<'_> {
             let top = ((first_row + row) * OUT) as isize - self.padding as isize;
             for (y, line) in lines.chunks_exact_mut(IN * tiles_w).enumerate() {
                 let iy = top + y as isize;
-                if iy < 0 || iy >= self.h as isize {
+                if iy < 0 || iy >= in_h as isize {
                     line.fill(0.0);
                     continue;
                 }
-                // padded column x is input column x − padding
-                let src = &channel[iy as usize * self.w..][..self.w];
-                let count = self.w.min(padded.len() - self.padding);
-                padded[self.padding..self.padding + count].copy_from_slice(&src[..count]);
+                // padded column x is input column x − padding (zero padding is not activated)
+                let source_row = if self.upsample { iy as usize / 2 } else { iy as usize };
+                let src = &channel[source_row * self.w..][..self.w];
+                let count = in_w.min(padded.len() - self.padding);
+                let dst = &mut padded[self.padding..self.padding + count];
+                match (self.upsample, affine) {
+                    (false, None) => dst.copy_from_slice(&src[..count]),
+                    (false, Some((scale, shift))) => {
+                        for (d, &x) in dst.iter_mut().zip(src) {
+                            *d = math::silu(x * scale + shift);
+                        }
+                    }
+                    (true, _) => {
+                        for (pair, &x) in dst.chunks_mut(2).zip(src) {
+                            let value = affine.map_or(x, |(scale, shift)| math::silu(x * scale + shift));
+                            pair.fill(value);
+                        }
+                    }
+                }
                 let (p0, rest) = phases.split_at_mut(stride);
                 let (p1, rest) = rest.split_at_mut(stride);
                 let (p2, p3) = rest.split_at_mut(stride);
