@@ -51,6 +51,27 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
+/// `erf(x)` within 6e-7 absolute: Abramowitz & Stegun 7.1.26 (1.5e-7, plus f32 rounding),
+/// the approximation PyTorch's vectorised CPU `erf` also uses:
+/// `1 − (a₁t + … + a₅t⁵)·e^(−x²)`, `t = 1 / (1 + p·|x|)`.
+#[inline(always)]
+pub fn erf(x: f32) -> f32 {
+    const P: f32 = 0.327_591_1;
+    const A: [f32; 5] = [0.254_829_6, -0.284_496_74, 1.421_413_8, -1.453_152, 1.061_405_4];
+    let a = x.abs();
+    let t = 1.0 / (1.0 + P * a);
+    let poly = ((((A[4] * t + A[3]) * t + A[2]) * t + A[1]) * t + A[0]) * t;
+    let y = 1.0 - poly * exp(-a * a);
+    y.copysign(x)
+}
+
+/// GELU with the exact (erf) form, as torch's `gelu(approximate="none")`:
+/// `x · 0.5 · (1 + erf(x / √2))`.
+#[inline(always)]
+pub fn gelu_erf(x: f32) -> f32 {
+    x * 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,5 +87,31 @@ mod tests {
         assert!(worst < 2.5e-7, "worst relative error {worst}");
         assert_eq!(exp(0.0), 1.0);
         assert!(exp(-1000.0) > 0.0 && exp(1000.0).is_finite());
+    }
+
+    #[test]
+    fn erf_is_within_6e7_of_the_exact_value() {
+        // reference: erf by its Taylor series in f64 (converges fast for |x| ≤ 4; beyond, 1)
+        let exact = |x: f64| -> f64 {
+            if x.abs() > 4.0 {
+                return x.signum();
+            }
+            let (mut term, mut sum, mut n) = (x, x, 0.0);
+            while term.abs() > 1e-17 * sum.abs().max(1e-300) {
+                n += 1.0;
+                term *= -x * x / n;
+                sum += term / (2.0 * n + 1.0);
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        };
+        let mut worst = 0f64;
+        for i in -60_000..=60_000 {
+            let x = i as f32 * 1e-4;
+            worst = worst.max((f64::from(erf(x)) - exact(f64::from(x))).abs());
+        }
+        assert!(worst < 6e-7, "worst absolute error {worst}");
+        assert_eq!(erf(0.0), 0.0);
+        assert_eq!(erf(10.0), 1.0);
+        assert_eq!(erf(-10.0), -1.0);
     }
 }
