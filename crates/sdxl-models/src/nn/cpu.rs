@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 mod winograd;
 
-use super::math::with_avx2;
+use super::math::{self, with_avx2};
 
 type Sgemm = unsafe extern "C" fn(
     layout: c_int,
@@ -381,12 +381,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core:
 /// `x ← exp(x − max) / Σ exp(x − max)`.
 #[inline(always)]
 fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
+    // separate passes, each of which vectorises
+    let max = math::max(row);
     for x in row.iter_mut() {
-        *x = super::math::exp(*x - max);
-        sum += *x;
+        *x = math::exp(*x - max);
     }
+    let sum = math::sum_by_runs(row, |v| v) as f32;
     for x in row.iter_mut() {
         *x /= sum;
     }

@@ -132,14 +132,11 @@ impl GroupStats {
     #[inline(always)]
     fn of(x: &[f32], eps: f64) -> Self {
         // Two passes, as torch does it: the mean, then the mean squared deviation (no
-        // cancellation). f32 partial sums over short runs vectorise; f64 across runs.
-        let sum_by_runs = |f: &dyn Fn(f32) -> f32| -> f64 {
-            x.chunks(1024).map(|run| f64::from(run.iter().fold(0f32, |acc, &v| acc + f(v)))).sum()
-        };
+        // cancellation).
         let n = x.len() as f64;
-        let mean = sum_by_runs(&|v| v) / n;
+        let mean = math::sum_by_runs(x, |v| v) / n;
         let mean_f32 = mean as f32;
-        let var = sum_by_runs(&|v| (v - mean_f32) * (v - mean_f32)) / n;
+        let var = math::sum_by_runs(x, |v| (v - mean_f32) * (v - mean_f32)) / n;
         Self { mean, rstd: 1.0 / (var + eps).sqrt() }
     }
 

@@ -36,12 +36,51 @@ pub fn exp(x: f32) -> f32 {
     // round to nearest by adding and removing 1.5·2²³ (`round` and `floor` are libm calls
     // on baseline x86-64, which would stop the loop vectorising); |x·log₂e| < 128 here
     const ROUNDER: f32 = 12_582_912.0;
-    let n = (x * LOG2_E + ROUNDER) - ROUNDER;
+    let shifted = x * LOG2_E + ROUNDER;
+    let n = shifted - ROUNDER;
+    // the same n as an integer, read from the mantissa bits (an `as i32` cast saturates,
+    // which costs a compare and blocks vectorising)
+    let n_int = shifted.to_bits() as i32 - ROUNDER.to_bits() as i32;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r
         + 0.5;
     let e_r = p * r * r + r + 1.0;
-    e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    e_r * f32::from_bits(((n_int + 127) as u32) << 23)
+}
+
+/// Lanes of the blocked reductions below: independent accumulators, so the loop vectorises
+/// (a single running f32 sum is a chain LLVM may not reorder).
+const LANES: usize = 8;
+
+/// `Σ f(x)`: f32 partial sums in [`LANES`] lanes over runs of 1024 elements, f64 across runs.
+#[inline(always)]
+pub fn sum_by_runs(x: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    x.chunks(1024)
+        .map(|run| {
+            let mut lanes = [0f32; LANES];
+            let mut blocks = run.chunks_exact(LANES);
+            for block in &mut blocks {
+                for (lane, &v) in lanes.iter_mut().zip(block) {
+                    *lane += f(v);
+                }
+            }
+            let tail: f32 = blocks.remainder().iter().map(|&v| f(v)).sum();
+            f64::from(lanes.iter().sum::<f32>() + tail)
+        })
+        .sum()
+}
+
+/// The largest element (`-∞` for none), in [`LANES`] lanes.
+#[inline(always)]
+pub fn max(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut blocks = x.chunks_exact(LANES);
+    for block in &mut blocks {
+        for (lane, &v) in lanes.iter_mut().zip(block) {
+            *lane = if v > *lane { v } else { *lane };
+        }
+    }
+    blocks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
 }
 
 /// `x · sigmoid(x)`, the way every fused kernel computes it (so fused and unfused paths agree
