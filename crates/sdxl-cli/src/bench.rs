@@ -48,6 +48,10 @@ pub struct BenchArgs {
     /// Compute dtype of the UNet and text encoders (the VAE always runs in f32).
     #[arg(long, value_enum, default_value = "f32")]
     dtype: Dtype,
+    /// Keep the weight matrices in this dtype while computing in --dtype (f16 or bf16 with
+    /// f32 compute: half the memory).
+    #[arg(long, value_enum)]
+    weights_dtype: Option<Dtype>,
     /// One JSON object per measurement per line, instead of a table.
     #[arg(long)]
     json: bool,
@@ -71,12 +75,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let resolutions = if explicit_resolutions { args.resolutions.clone() } else { vec![512, 1024] };
     let device = candle_core::Device::Cpu;
     let started = std::time::Instant::now();
-    let pipeline = random_sdxl(args.config.as_deref(), args.dtype.into(), &device)?;
+    let pipeline = random_sdxl(args.config.as_deref(), args.dtype.into(), args.weights_dtype.map(Into::into), &device)?;
     if !args.json {
         println!(
-            "{}, random weights, {:?}, built in {:.1} s; {} timed run(s) after {} warm-up run(s)",
+            "{}, random weights, {:?}{}, built in {:.1} s; {} timed run(s) after {} warm-up run(s)",
             args.config.as_ref().map_or("full-size SDXL".to_string(), |d| d.display().to_string()),
             args.dtype,
+            args.weights_dtype.map_or(String::new(), |w| format!(" ({w:?} weights)")),
             started.elapsed().as_secs_f64(),
             args.runs,
             args.warmup

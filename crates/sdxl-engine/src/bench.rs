@@ -65,9 +65,15 @@ pub struct Measurement {
 }
 
 /// The full-size SDXL base architecture (as single-file checkpoints are read), or the one the
-/// diffusers directory `description` gives, with made-up weights, computing in `dtype`.
-pub fn random_sdxl(description: Option<&std::path::Path>, dtype: DType, device: &Device) -> Result<Pipeline> {
-    crate::model::random(description, dtype, device)
+/// diffusers directory `description` gives, with made-up weights, computing in `dtype` (with
+/// the matrices kept in `weights_dtype` where given).
+pub fn random_sdxl(
+    description: Option<&std::path::Path>,
+    dtype: DType,
+    weights_dtype: Option<DType>,
+    device: &Device,
+) -> Result<Pipeline> {
+    crate::model::random(description, dtype, weights_dtype, device)
 }
 
 const PROMPT: &str = "a photo of an astronaut riding a horse on the moon, detailed, 35mm";

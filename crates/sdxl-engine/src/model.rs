@@ -54,6 +54,10 @@ pub struct Overrides {
     pub loras: Vec<LoraFile>,
     /// Replaces the scheduler's `prediction_type` (`epsilon`, `sample`, `v_prediction`).
     pub prediction_type: Option<String>,
+    /// Keeps every part's matrices and convolution kernels in this dtype (f16 or bf16: half
+    /// the memory of f32) while the arithmetic runs in the compute dtype; `None` keeps them in
+    /// the compute dtype.
+    pub weights_dtype: Option<DType>,
 }
 
 impl Overrides {
@@ -125,7 +129,7 @@ pub fn load_with(model: &Path, overrides: &Overrides, dtype: DType, device: &Dev
 
 /// The architecture a diffusers directory describes (SDXL base's when `None`) with made-up
 /// weights (see [`ComponentWeights::random`]), for benchmarks.
-pub fn random(description: Option<&Path>, dtype: DType, device: &Device) -> Result<Pipeline> {
+pub fn random(description: Option<&Path>, dtype: DType, weights_dtype: Option<DType>, device: &Device) -> Result<Pipeline> {
     let builtin;
     let dir = match description {
         Some(dir) => dir,
@@ -134,7 +138,8 @@ pub fn random(description: Option<&Path>, dtype: DType, device: &Device) -> Resu
             builtin.path()
         }
     };
-    build(dir, dir, &Overrides::default(), dtype, device, &|_, _| Ok(ComponentWeights::random()))
+    let overrides = Overrides { weights_dtype, ..Overrides::default() };
+    build(dir, dir, &overrides, dtype, device, &|_, _| Ok(ComponentWeights::random()))
 }
 
 /// Builds the pipeline from the description in `dir` (configs, tokenizers, scheduler) and the
@@ -151,6 +156,17 @@ fn build(
         // candle's CPU backend has no bf16 matrix multiply
         return Err(Error::InvalidRequest("dtype bf16 is not supported on the CPU; use f32 or f16".into()));
     }
+    let narrow = match overrides.weights_dtype {
+        Some(stored) if stored == dtype => None,
+        Some(DType::F16 | DType::BF16) if dtype == DType::F32 => overrides.weights_dtype,
+        Some(stored) => {
+            return Err(Error::InvalidRequest(format!(
+                "weights dtype {stored:?} with compute dtype {dtype:?}: weights can only be kept narrower \
+                 (f16 or bf16) than an f32 computation"
+            )))
+        }
+        None => None,
+    };
     let model_error = |message: String| Error::Model { dir: model.to_path_buf(), message };
     let description_error = |message: String| Error::Model { dir: dir.to_path_buf(), message };
     if !dir.is_dir() {
@@ -167,7 +183,7 @@ fn build(
     }
     let index: ModelIndex = sdxl_models::config::read_json(&index_path)?;
     let lora = if overrides.loras.is_empty() { None } else { Some(LoraSet::load(&overrides.loras)?) };
-    let with_lora = |w: ComponentWeights| w.with_lora(lora.clone());
+    let with_lora = |w: ComponentWeights| w.with_lora(lora.clone()).stored_as(narrow);
 
     let unet_weights = match &overrides.unet {
         Some(file) => standalone(file, "unet")?,
@@ -198,7 +214,7 @@ fn build(
             device,
         )?,
         unet: UNet::load_from(&dir.join("unet"), &with_lora(unet_weights), dtype, device)?,
-        vae: Vae::load_from(&vae_dir, &vae_weights, device)?,
+        vae: Vae::load_from(&vae_dir, &vae_weights.stored_as(narrow), device)?,
         scheduler: load_scheduler(&dir.join("scheduler").join("scheduler_config.json"), model, overrides)?,
         force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
     };
@@ -287,5 +303,58 @@ mod tests {
         );
         assert_eq!(changes(Some("/m/my_unet.safetensors"), None), (None, None));
         assert_eq!(changes(None, Some("v_prediction")), (None, Some("v_prediction".into())));
+    }
+
+    fn tiny(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../sdxl-models/tests/fixtures").join(name)
+    }
+
+    fn image(pipeline: &Pipeline) -> sdxl_models::pixels::RgbImage {
+        use crate::request::{GenerateRequest, Limits, NoiseSource, RawRequest};
+        let raw = RawRequest {
+            prompt: "a red bicycle".into(),
+            negative_prompt: Some("blurry".into()),
+            width: Some(64),
+            height: Some(64),
+            steps: 2,
+            guidance: 5.0,
+            noise: NoiseSource::Seed(7),
+            image: None,
+            mask: None,
+            strength: None,
+        };
+        let request = GenerateRequest::parse(raw, &Limits::CLI).unwrap();
+        crate::generate::generate(pipeline, &request, &mut |_| std::ops::ControlFlow::Continue(())).unwrap()
+    }
+
+    // A model shipped in f16, kept in f16 and computed in f32, is the f32 computation of the
+    // very same numbers: the widening is exact, so the pixels must be identical.
+    #[test]
+    fn f16_weights_with_f32_compute_equal_the_f32_computation_of_an_f16_model() {
+        let dir = tiny("tiny-2level-fp16");
+        let wide = load(&dir, DType::F32, &Device::Cpu).unwrap();
+        let narrow_overrides = Overrides { weights_dtype: Some(DType::F16), ..Overrides::default() };
+        let narrow = load_with(&dir, &narrow_overrides, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(image(&narrow), image(&wide));
+    }
+
+    // An f32 model kept in bf16 is a rounded copy: close to the f32 image, but not the same
+    // (otherwise the option changed nothing).
+    #[test]
+    fn bf16_weights_round_an_f32_model() {
+        let dir = tiny("tiny-sdxl");
+        let wide = image(&load(&dir, DType::F32, &Device::Cpu).unwrap());
+        let overrides = Overrides { weights_dtype: Some(DType::BF16), ..Overrides::default() };
+        let narrow = image(&load_with(&dir, &overrides, DType::F32, &Device::Cpu).unwrap());
+        let largest = wide.pixels.iter().zip(&narrow.pixels).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+        assert!(largest > 0, "bf16 weights left every pixel unchanged");
+        assert!(largest <= 16, "bf16 weights moved a pixel by {largest}/255");
+    }
+
+    #[test]
+    fn weights_cannot_be_wider_than_the_computation() {
+        let overrides = Overrides { weights_dtype: Some(DType::F32), ..Overrides::default() };
+        let err = load_with(&tiny("tiny-sdxl"), &overrides, DType::F16, &Device::Cpu).err().unwrap();
+        assert!(err.to_string().contains("narrower"), "{err}");
     }
 }

@@ -134,7 +134,7 @@ impl Checkpoint {
     /// A var builder over this checkpoint, in diffusers' names, that converts tensors to
     /// `dtype` on `device`.
     pub fn var_builder(self: &Arc<Self>, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        self.var_builder_with(KeyMap::identity(), None, dtype, device)
+        self.var_builder_with(KeyMap::identity(), None, None, dtype, device)
     }
 
     /// A var builder that finds each requested name through `map` and, with `lora`, fuses the
@@ -143,10 +143,12 @@ impl Checkpoint {
         self: &Arc<Self>,
         map: KeyMap,
         lora: Option<(Arc<LoraSet>, Component)>,
+        narrow: Option<DType>,
         dtype: DType,
         device: &Device,
     ) -> VarBuilder<'static> {
-        VarBuilder::from_backend(Box::new(Tracking { checkpoint: self.clone(), map, lora }), dtype, device.clone())
+        let backend = Tracking { checkpoint: self.clone(), map, lora, narrow };
+        VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
     }
 
     /// Wraps a model-construction failure (missing tensor, wrong shape) with the file's name.
@@ -306,12 +308,15 @@ pub enum Layout {
 }
 
 /// Where one component's weights come from: a checkpoint in some layout, plus the LoRA
-/// updates to fuse; or made-up values, for timing the architecture without files.
+/// updates to fuse; or made-up values, for timing the architecture without files. Also the
+/// dtype its matrices are kept in, where narrower than the compute dtype (see
+/// [`crate::nn::precision`]).
 #[derive(Clone)]
 pub struct ComponentWeights {
     source: Source,
     layout: Layout,
     lora: Option<Arc<LoraSet>>,
+    narrow: Option<DType>,
 }
 
 #[derive(Clone)]
@@ -323,23 +328,35 @@ enum Source {
 impl ComponentWeights {
     /// A diffusers-layout checkpoint.
     pub fn diffusers(checkpoint: Arc<Checkpoint>) -> Self {
-        Self { source: Source::File(checkpoint), layout: Layout::Diffusers, lora: None }
+        Self { source: Source::File(checkpoint), layout: Layout::Diffusers, lora: None, narrow: None }
     }
 
     /// An original-layout checkpoint whose keys for this component start with `prefix`.
     pub fn original(checkpoint: Arc<Checkpoint>, prefix: &str) -> Self {
-        Self { source: Source::File(checkpoint), layout: Layout::Original { prefix: prefix.to_string() }, lora: None }
+        Self {
+            source: Source::File(checkpoint),
+            layout: Layout::Original { prefix: prefix.to_string() },
+            lora: None,
+            narrow: None,
+        }
     }
 
     /// Small uniform random values for every tensor, drawn fast: speed does not depend on
     /// weight values, so benchmarks build the full-size models this way.
     pub fn random() -> Self {
-        Self { source: Source::Random, layout: Layout::Diffusers, lora: None }
+        Self { source: Source::Random, layout: Layout::Diffusers, lora: None, narrow: None }
     }
 
     /// The same weights with `lora`'s updates fused in.
     pub fn with_lora(self, lora: Option<Arc<LoraSet>>) -> Self {
         Self { lora, ..self }
+    }
+
+    /// The same weights with the matrices and convolution kernels kept in `dtype` (f16 or
+    /// bf16: half the memory), whatever the compute dtype; `None` keeps everything in the
+    /// compute dtype.
+    pub fn stored_as(self, narrow: Option<DType>) -> Self {
+        Self { narrow, ..self }
     }
 
     pub fn layout(&self) -> &Layout {
@@ -377,14 +394,16 @@ impl ComponentWeights {
     ) -> VarBuilder<'static> {
         let checkpoint = match &self.source {
             Source::File(checkpoint) => checkpoint,
-            Source::Random => return VarBuilder::from_backend(Box::new(RandomValues), dtype, device.clone()),
+            Source::Random => {
+                return VarBuilder::from_backend(Box::new(RandomValues { narrow: self.narrow }), dtype, device.clone())
+            }
         };
         let map = match &self.layout {
             Layout::Diffusers => KeyMap::identity(),
             Layout::Original { prefix } => original(prefix),
         };
         let lora = component.and_then(|c| self.lora.clone().filter(|set| set.touches(c)).map(|set| (set, c)));
-        checkpoint.var_builder_with(map, lora, dtype, device)
+        checkpoint.var_builder_with(map, lora, self.narrow, dtype, device)
     }
 
     /// Fails on tensors of this component that the model did not use: in a diffusers file,
@@ -401,7 +420,9 @@ impl ComponentWeights {
 
 /// The var-builder backend of [`ComponentWeights::random`]: uniform values in ±0.02 from a
 /// per-tensor xorshift generator, filled in parallel.
-struct RandomValues;
+struct RandomValues {
+    narrow: Option<DType>,
+}
 
 impl SimpleBackend for RandomValues {
     fn get(
@@ -424,6 +445,7 @@ impl SimpleBackend for RandomValues {
                 *v = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04;
             }
         });
+        let dtype = crate::nn::precision::stored_dtype(&shape, dtype, self.narrow);
         Tensor::from_vec(values, shape, device)?.to_dtype(dtype)
     }
 
@@ -472,6 +494,7 @@ struct Tracking {
     checkpoint: Arc<Checkpoint>,
     map: KeyMap,
     lora: Option<(Arc<LoraSet>, Component)>,
+    narrow: Option<DType>,
 }
 
 impl Tracking {
@@ -548,7 +571,7 @@ impl SimpleBackend for Tracking {
             Some((set, component)) => set.fuse_into(*component, name, tensor)?,
             None => tensor,
         };
-        tensor.to_dtype(dtype)
+        tensor.to_dtype(crate::nn::precision::stored_dtype(&shape, dtype, self.narrow))
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
@@ -609,7 +632,7 @@ mod tests {
             "t" => Stored::Transposed("fused".into()),
             other => Stored::Key(other.into()),
         });
-        let vb = checkpoint.var_builder_with(map, None, DType::F32, &Device::Cpu);
+        let vb = checkpoint.var_builder_with(map, None, None, DType::F32, &Device::Cpu);
         let k = vb.get((2, 2), "k").unwrap();
         assert_eq!(k.to_vec2::<f32>().unwrap(), vec![vec![4., 5.], vec![6., 7.]]);
         assert_eq!(vb.get((2, 6), "t").unwrap().to_vec2::<f32>().unwrap()[1], vec![1., 3., 5., 7., 9., 11.]);

@@ -161,6 +161,8 @@ pub struct ClipTextModel {
     final_layer_norm: LayerNorm,
     text_projection: Option<Linear>,
     eos_token_id: u32,
+    /// The compute dtype (the embedding tables may be stored narrower).
+    dtype: DType,
     device: Device,
 }
 
@@ -260,6 +262,7 @@ impl ClipTextModel {
             text_projection,
             eos_token_id: cfg.eos_token_id,
             config: cfg.clone(),
+            dtype: vb.dtype(),
             device: device.clone(),
         })
     }
@@ -295,8 +298,8 @@ impl ClipTextModel {
         let input = Tensor::from_vec(flat, (batch, len), &self.device)?;
         let positions = Tensor::arange(0u32, len as u32, &self.device)?;
         // [B,L,D] + [L,D]
-        let mut x =
-            self.token_embedding.forward(&input)?.broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let tokens = self.token_embedding.forward(&input)?.to_dtype(self.dtype)?;
+        let mut x = tokens.broadcast_add(&self.position_embedding.forward(&positions)?.to_dtype(self.dtype)?)?;
         let mask = causal_mask(len, x.dtype(), &self.device)?;
         let (last, rest) = self.layers.split_last().expect("config check guarantees at least two layers");
         for layer in rest {

@@ -5,7 +5,7 @@ use candle_nn::VarBuilder;
 
 #[cfg(feature = "openblas")]
 use super::cpu;
-use super::{flops, kernels, GroupNorm};
+use super::{flops, kernels, precision, GroupNorm};
 
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -34,21 +34,39 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         self.count_flops(x, h, w)?;
-        kernels::conv2d(x, &self.weight, &self.bias, self.stride, self.padding)
+        kernels::conv2d(x, &precision::widened_for(&self.weight, x)?, &self.bias, self.stride, self.padding)
     }
 
     /// `self(silu(norm(x)))`, with the normalisation applied as the convolution reads its
     /// input where the kernel allows it, so the normalised tensor is never stored.
     pub fn forward_group_norm_silu(&self, x: &Tensor, norm: &GroupNorm) -> candle_core::Result<Tensor> {
+        self.forward_group_norm_silu_plus(x, norm, None)
+    }
+
+    /// `residual + self(silu(norm(x)))` (`self(…)` alone without a residual): a ResNet
+    /// block's last convolution and skip connection, summed as the output is written where
+    /// the kernel allows it, so the sum needs no tensor of its own.
+    pub fn forward_group_norm_silu_plus(
+        &self,
+        x: &Tensor,
+        norm: &GroupNorm,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         #[cfg(feature = "openblas")]
-        if self.winograd_applies(x, false) {
+        if self.winograd_applies(x, false) && residual.is_none_or(|r| cpu::applies(&[r])) {
             if let Some((scale, shift)) = norm.channel_affine(x)? {
                 let (_, _, h, w) = x.dims4()?;
                 self.count_flops(x, h, w)?;
-                return cpu::winograd_conv2d(x, &self.weight, &self.bias, self.padding, false, Some((&scale, &shift)));
+                let weight = precision::widened_for(&self.weight, x)?;
+                let affine = Some((scale.as_slice(), shift.as_slice()));
+                return cpu::winograd_conv2d(x, &weight, &self.bias, self.padding, false, affine, residual);
             }
         }
-        self.forward(&norm.forward_silu(x)?)
+        let y = self.forward(&norm.forward_silu(x)?)?;
+        match residual {
+            Some(residual) => residual + y,
+            None => Ok(y),
+        }
     }
 
     /// `self(x upsampled 2× by nearest neighbour)`, without storing the upsampled tensor where
@@ -58,15 +76,17 @@ impl Conv2d {
         #[cfg(feature = "openblas")]
         if self.winograd_applies(x, true) {
             self.count_flops(x, 2 * h, 2 * w)?;
-            return cpu::winograd_conv2d(x, &self.weight, &self.bias, self.padding, true, None);
+            let weight = precision::widened_for(&self.weight, x)?;
+            return cpu::winograd_conv2d(x, &weight, &self.bias, self.padding, true, None, None);
         }
         self.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
     }
 
     #[cfg(feature = "openblas")]
     fn winograd_applies(&self, x: &Tensor, upsample: bool) -> bool {
+        // (the weight may be stored narrower; it is widened to x's dtype before the kernel)
         self.stride == 1
-            && cpu::applies(&[x, &self.weight, &self.bias])
+            && cpu::applies(&[x, &self.bias])
             && cpu::winograd_applies(x, &self.weight, self.padding, upsample)
     }
 
@@ -125,6 +145,9 @@ mod tests {
             let fused = conv.forward_group_norm_silu(&x, &norm).unwrap();
             let unfused = conv.forward(&norm.forward_silu(&x).unwrap()).unwrap();
             assert!(identical(&fused, &unfused), "{:?}", (c_in, c_out, h, w));
+            let residual = random(unfused.dims(), 6);
+            let summed = conv.forward_group_norm_silu_plus(&x, &norm, Some(&residual)).unwrap();
+            assert!(identical(&summed, &(&residual + &unfused).unwrap()), "residual {:?}", (c_in, c_out, h, w));
         }
     }
 

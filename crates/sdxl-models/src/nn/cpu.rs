@@ -184,7 +184,7 @@ pub fn conv2d(
     let shape = ConvShape { c_in, h, w, k: kh, stride, padding };
     let (out_h, out_w) = (shape.out_h(), shape.out_w());
     if kh == 3 && stride == 1 && winograd::worthwhile(c_in, c_out, out_h, out_w) {
-        return winograd_conv2d(x, weight, bias, padding, false, None);
+        return winograd_conv2d(x, weight, bias, padding, false, None, None);
     }
     let plane = out_h * out_w;
     let mut out = vec![0f32; batch * c_out * plane];
@@ -216,7 +216,9 @@ pub fn winograd_applies(x: &Tensor, weight: &Tensor, padding: usize, upsample: b
 
 /// A 3×3 stride-1 convolution plus bias by Winograd's F(4×4, 3×3), of `x` after nearest 2×
 /// upsampling when `upsample`, and after `silu(x · scale + shift)` per (image, channel) when
-/// `affine` (`[B · Cin]` each) is given; neither intermediate is stored.
+/// `affine` (`[B · Cin]` each) is given; neither intermediate is stored. `residual` (of the
+/// output's shape) is added to the result as `residual + (conv + bias)`, as a ResNet block's
+/// skip connection, without a separate sum tensor.
 pub fn winograd_conv2d(
     x: &Tensor,
     weight: &Tensor,
@@ -224,6 +226,7 @@ pub fn winograd_conv2d(
     padding: usize,
     upsample: bool,
     affine: Option<(&[f32], &[f32])>,
+    residual: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
     let (batch, c_in, h, w) = x.dims4()?;
     let (c_out, _, _, _) = weight.dims4()?;
@@ -231,7 +234,19 @@ pub fn winograd_conv2d(
     let bias = bias.to_vec1::<f32>()?;
     let layer = winograd::Winograd { c_in, c_out, h, w, padding, upsample, kernels: &kernels, bias: &bias };
     let (out_h, out_w) = (layer.out_h(), layer.out_w());
-    let mut out = vec![0f32; batch * c_out * out_h * out_w];
+    let mut out = match residual {
+        Some(residual) => {
+            if residual.dims() != [batch, c_out, out_h, out_w] {
+                return Err(candle_core::Error::Msg(format!(
+                    "winograd: residual of shape {:?}, the output is {:?}",
+                    residual.dims(),
+                    [batch, c_out, out_h, out_w]
+                )));
+            }
+            with_data(residual, <[f32]>::to_vec)?
+        }
+        None => vec![0f32; batch * c_out * out_h * out_w],
+    };
     // scratch kept per thread, like the im2col band
     thread_local!(static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) });
     with_data(x, |x| {

@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use super::{flops, kernels};
+use super::{flops, kernels, precision};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -33,7 +33,8 @@ impl Linear {
         let (out_dim, in_dim) = self.weight.dims2()?;
         let rows = x.elem_count() / in_dim.max(1);
         flops::add(2 * rows * in_dim * out_dim);
-        let y = kernels::matmul_nt(&x.reshape((rows, in_dim))?, &self.weight)?;
+        let weight = precision::widened_for(&self.weight, x)?;
+        let y = kernels::matmul_nt(&x.reshape((rows, in_dim))?, &weight)?;
         let y = match &self.bias {
             Some(bias) => y.broadcast_add(bias)?,
             None => y,

@@ -10,6 +10,7 @@ pub mod group_norm;
 pub mod kernels;
 pub mod linear;
 pub mod math;
+pub mod precision;
 pub mod resnet;
 pub mod sampling;
 pub mod transformer;

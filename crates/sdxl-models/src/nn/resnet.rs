@@ -44,19 +44,21 @@ impl ResnetBlock2D {
     }
 
     /// `x`: [B,Cin,H,W]; `temb`: [B,T] (required iff the block was built with `temb_channels`).
-    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let mut h = self.conv1.forward_group_norm_silu(x, &self.norm1)?;
+    ///
+    /// Takes `x` by value so that it can be freed as soon as the shortcut is taken: at the
+    /// VAE's full resolution each of these tensors is 0.5–1 GB, and at most three live at once.
+    pub fn forward(&self, x: Tensor, temb: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let mut h = self.conv1.forward_group_norm_silu(&x, &self.norm1)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             // [B,T] -> [B,Cout,1,1]
             let t = proj.forward(&silu(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self.conv2.forward_group_norm_silu(&h, &self.norm2)?;
         let shortcut = match &self.conv_shortcut {
-            Some(conv) => conv.forward(x)?,
-            None => x.clone(),
+            Some(conv) => conv.forward(&x)?,
+            None => x,
         };
-        let out = (shortcut + h)?;
+        let out = self.conv2.forward_group_norm_silu_plus(&h, &self.norm2, Some(&shortcut))?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {

@@ -96,7 +96,7 @@ impl DownBlock {
     ) -> candle_core::Result<Tensor> {
         let mut h = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(&h, Some(temb))?;
+            h = resnet.forward(h, Some(temb))?;
             if let Some(attention) = self.attentions.get(i) {
                 h = attention.forward(&h, context)?;
             }
@@ -137,10 +137,10 @@ impl MidBlock {
     }
 
     pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
-        let mut h = self.resnets[0].forward(x, Some(temb))?;
+        let mut h = self.resnets[0].forward(x.clone(), Some(temb))?;
         for (attention, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
             h = attention.forward(&h, context)?;
-            h = resnet.forward(&h, Some(temb))?;
+            h = resnet.forward(h, Some(temb))?;
         }
         Ok(h)
     }
@@ -189,7 +189,7 @@ impl UpBlock {
         // res_hidden_states = res_hidden_states_tuple[-1], consumed last-first
         for (i, (resnet, skip)) in self.resnets.iter().zip(skips.iter().rev()).enumerate() {
             // [B,C,H,W] ++ [B,Cs,H,W] -> [B,C+Cs,H,W]
-            h = resnet.forward(&Tensor::cat(&[&h, skip], 1)?, Some(temb))?;
+            h = resnet.forward(Tensor::cat(&[&h, skip], 1)?, Some(temb))?;
             if let Some(attention) = self.attentions.get(i) {
                 h = attention.forward(&h, context)?;
             }

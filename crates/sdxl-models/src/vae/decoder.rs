@@ -79,11 +79,11 @@ impl MidBlock {
     }
 
     pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut h = self.resnets[0].forward(x, None)?;
+        let mut h = self.resnets[0].forward(x.clone(), None)?;
         if let Some(attention) = &self.attention {
             h = attention.forward(&h)?;
         }
-        self.resnets[1].forward(&h, None)
+        self.resnets[1].forward(h, None)
     }
 }
 
@@ -140,7 +140,7 @@ impl Decoder {
         h = self.mid_block.forward(&h)?;
         for block in &self.up_blocks {
             for resnet in &block.resnets {
-                h = resnet.forward(&h, None)?;
+                h = resnet.forward(h, None)?;
             }
             if let Some(up) = &block.upsampler {
                 h = up.forward(&h, None)?;

@@ -70,7 +70,7 @@ impl Encoder {
         let mut h = self.conv_in.forward(x)?;
         for block in &self.down_blocks {
             for resnet in &block.resnets {
-                h = resnet.forward(&h, None)?;
+                h = resnet.forward(h, None)?;
             }
             if let Some(down) = &block.downsampler {
                 h = down.forward(&h)?;

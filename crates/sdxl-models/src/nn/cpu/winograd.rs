@@ -230,8 +230,9 @@ impl Winograd<'_> {
         }
     }
 
-    /// `Aᵀ m A` (+ `bias`) for every tile of one output channel, from `products` `[36][tiles]`
-    /// into the output plane; vectorised across each row of tiles like the input transform.
+    /// `Aᵀ m A` (+ `bias`) for every tile of one output channel, from `products` `[36][tiles]`,
+    /// added to the output plane (zeros, or a residual to sum in); vectorised across each row
+    /// of tiles like the input transform.
     #[inline(always)]
     fn transform_output(
         &self,
@@ -262,7 +263,7 @@ impl Winograd<'_> {
                 // the last tile may reach past the image's right edge
                 for (tx, tile) in line.chunks_mut(OUT).enumerate() {
                     for (jj, pixel) in tile.iter_mut().enumerate() {
-                        *pixel = pixels[jj * tiles_w + tx] + bias;
+                        *pixel += pixels[jj * tiles_w + tx] + bias;
                     }
                 }
             }
