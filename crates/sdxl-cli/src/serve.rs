@@ -60,6 +60,17 @@ pub struct ServeArgs {
     /// Seconds in-flight work may take to finish after SIGTERM / ctrl-c.
     #[arg(long, env = "SDXL_SHUTDOWN_GRACE", default_value_t = 30)]
     shutdown_grace: u64,
+    /// Seconds a client may take to send its request line and headers.
+    #[arg(long, env = "SDXL_HEADER_READ_TIMEOUT", default_value_t = 10)]
+    header_read_timeout: u64,
+    /// Seconds a client may take to send its request body.
+    #[arg(long, env = "SDXL_BODY_READ_TIMEOUT", default_value_t = 60)]
+    body_read_timeout: u64,
+    /// Serve a model stand-in whose every step sleeps this many milliseconds, and load no
+    /// model (load and fault tests; builds with the `test-backend` feature only).
+    #[cfg(feature = "test-backend")]
+    #[arg(long, value_name = "MS")]
+    test_backend_step_ms: Option<u64>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -74,6 +85,31 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if !args.default_guidance.is_finite() || !(0.0..=30.0).contains(&args.default_guidance) {
         anyhow::bail!("`--default-guidance` must be between 0 and 30, got {}", args.default_guidance);
     }
+    let queue_config = QueueConfig { capacity: args.queue_capacity };
+    let (queue, model) = start_queue(&args, queue_config)?;
+    let config = ServerConfig {
+        api_keys: args.api_keys.clone(),
+        default_steps: args.default_steps,
+        default_guidance: args.default_guidance,
+        max_pixels: args.max_pixels,
+        request_timeout: Duration::from_secs(args.request_timeout),
+        header_read_timeout: Duration::from_secs(args.header_read_timeout),
+        body_read_timeout: Duration::from_secs(args.body_read_timeout),
+        ..ServerConfig::default()
+    };
+    let state = AppState::new(queue, config);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(serve(args, model, state))
+}
+
+/// Loads the model (downloading SDXL-Lightning first without `--model`) and starts its
+/// worker; returns the queue and the model's path.
+fn start_queue(args: &ServeArgs, config: QueueConfig) -> anyhow::Result<(Queue, PathBuf)> {
+    #[cfg(feature = "test-backend")]
+    if let Some(ms) = args.test_backend_step_ms {
+        let backend = sdxl_engine::test_backend::DelayBackend { step: Duration::from_millis(ms) };
+        return Ok((Queue::start(backend, config), PathBuf::from(format!("test backend, {ms} ms per step"))));
+    }
     let (model, downloaded_unet) = match &args.model {
         Some(path) => (path.clone(), None),
         None => {
@@ -87,18 +123,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     overrides.unet = overrides.unet.or(downloaded_unet);
     let pipeline =
         sdxl_engine::model::load_with(&model, &overrides, args.model_args.dtype.into(), &candle_core::Device::Cpu)?;
-    let queue = Queue::start(PipelineBackend(pipeline), QueueConfig { capacity: args.queue_capacity });
-    let config = ServerConfig {
-        api_keys: args.api_keys.clone(),
-        default_steps: args.default_steps,
-        default_guidance: args.default_guidance,
-        max_pixels: args.max_pixels,
-        request_timeout: Duration::from_secs(args.request_timeout),
-        ..ServerConfig::default()
-    };
-    let state = AppState::new(queue, config);
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(serve(args, model, state))
+    Ok((Queue::start(PipelineBackend(pipeline), config), model))
 }
 
 async fn serve(args: ServeArgs, model: PathBuf, state: AppState) -> anyhow::Result<()> {

@@ -13,6 +13,8 @@ pub mod model;
 pub mod png;
 pub mod queue;
 pub mod request;
+#[cfg(feature = "test-backend")]
+pub mod test_backend;
 
 pub use error::{Error, Result};
 pub use queue::{Backend, Completed, PipelineBackend, Queue, QueueConfig, Ticket};

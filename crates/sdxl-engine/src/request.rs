@@ -165,6 +165,14 @@ fn parse_source(raw: &RawRequest, steps_field: &str) -> Result<Option<SourceImag
     }
     let image = decode_rgb(image_bytes, "image")?;
     let mask = raw.mask.as_deref().map(|bytes| decode_rgb(bytes, "mask")).transpose()?;
+    // A mask of another size would be stretched over the image: almost always a client's
+    // mistake (the wrong file, or a mask drawn for another crop), so it is refused.
+    if let Some(mask) = mask.as_ref().filter(|m| (m.width, m.height) != (image.width, image.height)) {
+        return Err(Error::InvalidRequest(format!(
+            "`mask` must be the size of `image` ({}x{}), got {}x{}",
+            image.width, image.height, mask.width, mask.height
+        )));
+    }
     Ok(Some(SourceImage { image, strength, mask }))
 }
 
@@ -205,6 +213,15 @@ mod tests {
     fn mask_without_image_is_refused() {
         let err = GenerateRequest::parse(RawRequest { mask: Some(png(8, 8)), ..raw() }, &Limits::CLI).unwrap_err();
         assert_eq!(err.to_string(), "`mask` requires `image`");
+    }
+
+    #[test]
+    fn mask_of_another_size_than_the_image_is_refused() {
+        let request = RawRequest { image: Some(png(16, 8)), mask: Some(png(8, 16)), ..raw() };
+        let err = GenerateRequest::parse(request, &Limits::CLI).unwrap_err();
+        assert_eq!(err.to_string(), "`mask` must be the size of `image` (16x8), got 8x16");
+        let request = RawRequest { image: Some(png(16, 8)), mask: Some(png(16, 8)), ..raw() };
+        assert!(GenerateRequest::parse(request, &Limits::CLI).is_ok());
     }
 
     #[test]

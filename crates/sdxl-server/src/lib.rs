@@ -20,6 +20,7 @@ use sdxl_engine::queue::Queue;
 
 pub use config::ServerConfig;
 pub use listener::serve;
+pub use routes::run::validate_run_body;
 
 /// The model id this server answers for.
 pub const MODEL_ID: &str = "@cf/bytedance/stable-diffusion-xl-lightning";

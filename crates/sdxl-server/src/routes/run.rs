@@ -13,7 +13,7 @@ use sdxl_engine::{GenerateRequest, Limits, NoiseSource, RawRequest};
 
 use crate::error::ApiError;
 use crate::wire::{decode_base64, parse_json, RunRequest};
-use crate::{AppState, MODEL_ID};
+use crate::{AppState, ServerConfig, MODEL_ID};
 
 /// The account-scoped route (the account id is accepted and ignored).
 pub async fn account_route(
@@ -42,8 +42,7 @@ async fn run(state: AppState, model: &str, headers: &HeaderMap, body: Body) -> R
         return Err(ApiError::UnknownModel(model.to_string()));
     }
     let body = read_body(body, state.config().body_limit).await?;
-    let wire: RunRequest = parse_json(&body)?;
-    let (request, seed) = to_request(wire, &state)?;
+    let (request, seed) = validate_run_body(&body, state.config())?;
     let done = execute(&state, request).await?;
     png_response(&done, seed).await
 }
@@ -66,8 +65,16 @@ fn caused_by<T: std::error::Error + 'static>(error: &(dyn std::error::Error + 's
     std::iter::successors(Some(error), |e| e.source()).any(|e| e.is::<T>())
 }
 
+/// A run route's body → the engine's validated request (input images decoded) and its seed,
+/// with `config`'s defaults and limits in force. Everything a client controls goes through
+/// here, so this is what the fuzz target drives.
+pub fn validate_run_body(body: &[u8], config: &ServerConfig) -> Result<(GenerateRequest, u64), ApiError> {
+    let wire: RunRequest = parse_json(body)?;
+    to_request(wire, config)
+}
+
 /// Wire fields → the engine's validated request, with the defaults in force.
-fn to_request(wire: RunRequest, state: &AppState) -> Result<(GenerateRequest, u64), ApiError> {
+fn to_request(wire: RunRequest, config: &ServerConfig) -> Result<(GenerateRequest, u64), ApiError> {
     if wire.prompt.is_empty() {
         return Err(ApiError::BadRequest("`prompt` must be at least 1 character long".into()));
     }
@@ -80,7 +87,6 @@ fn to_request(wire: RunRequest, state: &AppState) -> Result<(GenerateRequest, u6
         (None, None) => None,
     };
     let seed = wire.seed.unwrap_or_else(sdxl_engine::request::random_seed);
-    let config = state.config();
     let raw = RawRequest {
         prompt: wire.prompt,
         negative_prompt: wire.negative_prompt,
