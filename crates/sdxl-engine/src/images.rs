@@ -12,7 +12,8 @@ use crate::{Error, Result};
 /// The largest input accepted along each side, and the most memory one decode may take.
 /// A file that declares more is refused from its header, before any pixel is decoded.
 pub const MAX_INPUT_SIDE: u32 = 8192;
-const MAX_DECODE_BYTES: u64 = 512 * 1024 * 1024;
+/// 256 MiB: an 8192² RGBA image; 16-bit images of that size are refused.
+const MAX_DECODE_BYTES: u64 = 256 * 1024 * 1024;
 
 fn decode(bytes: &[u8], field: &str) -> Result<DynamicImage> {
     let invalid = |message: String| Error::InvalidRequest(format!("`{field}` {message}"));

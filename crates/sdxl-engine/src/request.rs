@@ -52,6 +52,11 @@ impl Limits {
     };
 }
 
+/// The longest `prompt` or `negative_prompt` accepted, in characters. The text encoders read
+/// 77 tokens (a few hundred characters) and drop the rest, so this only stops a client from
+/// making the worker tokenise megabytes of text that would be thrown away.
+pub const MAX_PROMPT_CHARS: usize = 10_000;
+
 /// A seed for requests that give none, from the process's random hasher keys and the clock.
 pub fn random_seed() -> u64 {
     use std::hash::{BuildHasher, RandomState};
@@ -102,6 +107,14 @@ pub struct GenerateRequest {
 impl GenerateRequest {
     /// Checks `raw` against `limits`; the error names the field and the bound.
     pub fn parse(raw: RawRequest, limits: &Limits) -> Result<Self> {
+        for (field, text) in [("prompt", Some(&raw.prompt)), ("negative_prompt", raw.negative_prompt.as_ref())] {
+            let chars = text.map_or(0, |t| t.chars().count());
+            if chars > MAX_PROMPT_CHARS {
+                return Err(Error::InvalidRequest(format!(
+                    "`{field}` must be at most {MAX_PROMPT_CHARS} characters long, got {chars}"
+                )));
+            }
+        }
         if !(1..=limits.max_steps).contains(&raw.steps) {
             return Err(Error::InvalidRequest(format!(
                 "`{}` must be between 1 and {}, got {}",
@@ -213,6 +226,18 @@ mod tests {
     fn mask_without_image_is_refused() {
         let err = GenerateRequest::parse(RawRequest { mask: Some(png(8, 8)), ..raw() }, &Limits::CLI).unwrap_err();
         assert_eq!(err.to_string(), "`mask` requires `image`");
+    }
+
+    #[test]
+    fn prompts_are_bounded_in_length() {
+        let long = "a".repeat(MAX_PROMPT_CHARS + 1);
+        let err = GenerateRequest::parse(RawRequest { prompt: long.clone(), ..raw() }, &Limits::CLI).unwrap_err();
+        assert_eq!(err.to_string(), "`prompt` must be at most 10000 characters long, got 10001");
+        let request = RawRequest { negative_prompt: Some(long), ..raw() };
+        let err = GenerateRequest::parse(request, &Limits::CLI).unwrap_err();
+        assert!(err.to_string().starts_with("`negative_prompt` must be at most 10000"), "{err}");
+        let fits = RawRequest { prompt: "é".repeat(MAX_PROMPT_CHARS), ..raw() };
+        assert!(GenerateRequest::parse(fits, &Limits::CLI).is_ok());
     }
 
     #[test]

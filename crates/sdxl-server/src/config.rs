@@ -19,6 +19,10 @@ pub struct ServerConfig {
     pub body_limit: usize,
     /// How long a client may take to send its body.
     pub body_read_timeout: Duration,
+    /// Bytes of request bodies that may be in memory at once, over all connections.
+    pub body_memory_budget: usize,
+    /// Requests whose input images may be decoded at once.
+    pub concurrent_decodes: usize,
     /// How long a client may take to send its request line and headers.
     pub header_read_timeout: Duration,
 }
@@ -33,6 +37,8 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(300),
             body_limit: 128 * 1024 * 1024,
             body_read_timeout: Duration::from_secs(60),
+            body_memory_budget: 512 * 1024 * 1024,
+            concurrent_decodes: 2,
             header_read_timeout: Duration::from_secs(10),
         }
     }

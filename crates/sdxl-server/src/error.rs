@@ -20,6 +20,9 @@ pub enum ApiError {
     /// No route matches.
     #[error("no route for that URI")]
     NotFound,
+    /// The route exists, but not for this method (the `Allow` header lists the methods).
+    #[error("method not allowed")]
+    MethodNotAllowed,
     /// The body exceeds the configured limit.
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
@@ -45,6 +48,7 @@ impl ApiError {
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, 10000),
             ApiError::UnknownModel(_) => (StatusCode::BAD_REQUEST, 5007),
             ApiError::NotFound => (StatusCode::NOT_FOUND, 7003),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, 10405),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, 3006),
             ApiError::QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, 3040),
             ApiError::Timeout => (StatusCode::REQUEST_TIMEOUT, 3007),

@@ -2,6 +2,7 @@
 //! metrics and OpenAPI. The model runs on the engine's worker thread; handlers only
 //! validate, enqueue and await.
 
+mod admission;
 pub mod auth;
 pub mod config;
 pub mod error;
@@ -37,12 +38,21 @@ struct Inner {
     keys: auth::ApiKeys,
     draining: AtomicBool,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
+    admission: admission::Admission,
 }
 
 impl AppState {
     pub fn new(queue: Queue, config: ServerConfig) -> Self {
         let keys = auth::ApiKeys::new(&config.api_keys);
-        let inner = Inner { queue, config, keys, draining: AtomicBool::new(false), metrics: metrics::install() };
+        let admission = admission::Admission::new(config.body_memory_budget, config.body_limit, config.concurrent_decodes);
+        let inner = Inner {
+            queue,
+            config,
+            keys,
+            draining: AtomicBool::new(false),
+            metrics: metrics::install(),
+            admission,
+        };
         Self { inner: Arc::new(inner) }
     }
 
@@ -72,7 +82,6 @@ impl AppState {
 
 /// The router with every route; tests drive it without opening a port.
 pub fn app(state: AppState) -> Router {
-    let timeout = tower_http::timeout::RequestBodyTimeoutLayer::new(state.config().body_read_timeout);
     Router::new()
         .route("/client/v4/accounts/{account_id}/ai/run/{*model}", post(routes::run::account_route))
         .route("/ai/run/{*model}", post(routes::run::short_route))
@@ -82,7 +91,7 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(routes::health::metrics))
         .route("/openapi.json", get(routes::health::openapi))
         .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(axum::middleware::from_fn(metrics::count_requests))
-        .layer(timeout)
         .with_state(state)
 }

@@ -353,3 +353,128 @@ async fn a_body_that_does_not_arrive_gets_408_in_the_envelope() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("\"code\":3007"), "{answer}");
 }
+
+// regression: the body timeout bounded the pauses between pieces, so a client sending one
+// byte every 100 ms held its connection and handler for as long as it liked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_body_gets_408_when_the_whole_body_is_late() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = ServerConfig { body_read_timeout: Duration::from_millis(500), ..ServerConfig::default() };
+    let (base, _) = start(SlowBackend::new(Duration::ZERO), 1, config).await;
+    let address = base.trim_start_matches("http://");
+    let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    let head = format!("POST {RUN} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n");
+    write.write_all(head.as_bytes()).await.unwrap();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..100 {
+            if write.write_all(b" ").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), read.read_to_end(&mut answer)).await;
+    trickle.abort();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"code\":3007"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(2), "answered after {:?}", started.elapsed());
+}
+
+// regressions found by schemathesis (load_tests/schema.sh) and while making the OpenAPI
+// document say what the server does
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_violations_and_odd_requests_get_the_envelope() {
+    let (base, _) = start(SlowBackend::new(Duration::ZERO), 2, ServerConfig::default()).await;
+    let client = reqwest::Client::new();
+    // `strength` out of range was accepted (200) when there was no image to apply it to
+    for strength in [json!(2), json!(-0.5), json!(1e308)] {
+        let body = json!({"prompt": "x", "width": 256, "height": 256, "num_steps": 1, "strength": strength});
+        let message = expect_error(post(&base, RUN, body).await, StatusCode::BAD_REQUEST, 5006).await;
+        assert!(message.contains("`strength` must be between 0 and 1"), "{message}");
+    }
+    let fine = json!({"prompt": "x", "width": 256, "height": 256, "num_steps": 1, "strength": 0.3});
+    assert_eq!(post(&base, RUN, fine).await.status(), StatusCode::OK);
+    // a known route with another method answered 405 with an empty body
+    let wrong_method = client.delete(format!("{base}{RUN}")).send().await.unwrap();
+    assert_eq!(wrong_method.headers()["allow"], "POST");
+    expect_error(wrong_method, StatusCode::METHOD_NOT_ALLOWED, 10405).await;
+    let wrong_method = client.post(format!("{base}/health")).send().await.unwrap();
+    assert!(wrong_method.headers()["allow"].to_str().unwrap().contains("GET"));
+    expect_error(wrong_method, StatusCode::METHOD_NOT_ALLOWED, 10405).await;
+    // a path segment that is not UTF-8 got axum's plain-text 400
+    for path in ["/client/v4/accounts/%FF/ai/run/@cf/bytedance/stable-diffusion-xl-lightning", "/ai/run/%FF%FE"] {
+        let response = client.post(format!("{base}{path}")).json(&json!({"prompt": "x"})).send().await.unwrap();
+        let message = expect_error(response, StatusCode::BAD_REQUEST, 5006).await;
+        assert!(message.contains("invalid URL"), "{path}: {message}");
+    }
+    // `size` is exactly the documented pattern: no spaces, signs or leading zeros
+    for size in [" 256x256", "+256x256", "0256x256", "256 x 256"] {
+        let body = json!({"prompt": "x", "size": size, "num_steps": 1});
+        let response = post(&base, "/v1/images/generations", body).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{size:?}");
+        let error: Value = response.json().await.unwrap();
+        assert!(error["error"]["message"].as_str().unwrap().contains("`size`"), "{error}");
+    }
+    let body = json!({"prompt": "x", "size": "256x2048", "num_steps": 1});
+    assert_eq!(post(&base, "/v1/images/generations", body).await.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_documents_every_answer() {
+    let (base, _) = start(SlowBackend::new(Duration::ZERO), 2, ServerConfig::default()).await;
+    let doc: Value = reqwest::get(format!("{base}/openapi.json")).await.unwrap().json().await.unwrap();
+    let account =
+        &doc["paths"]["/client/v4/accounts/{account_id}/ai/run/@cf/bytedance/stable-diffusion-xl-lightning"]["post"];
+    // the path parameter was not declared, so the document was invalid
+    assert_eq!(account["parameters"][0]["name"], json!("account_id"));
+    assert_eq!(account["parameters"][0]["in"], json!("path"));
+    let short = &doc["paths"]["/ai/run/@cf/bytedance/stable-diffusion-xl-lightning"]["post"];
+    for operation in [account, short] {
+        assert!(operation["responses"]["200"]["content"]["image/png"].is_object(), "{operation}");
+        for status in ["400", "408", "413", "429", "500", "503"] {
+            let schema = &operation["responses"][status]["content"]["application/json"]["schema"]["$ref"];
+            assert_eq!(schema, &json!("#/components/schemas/ErrorEnvelope"), "{status}");
+        }
+        assert!(operation["responses"]["429"]["headers"]["Retry-After"].is_object());
+    }
+    // the OpenAI route documented only its 200
+    let images = &doc["paths"]["/v1/images/generations"]["post"];
+    for status in ["400", "408", "413", "429", "500", "503"] {
+        let schema = &images["responses"][status]["content"]["application/json"]["schema"]["$ref"];
+        assert_eq!(schema, &json!("#/components/schemas/OpenAiError"), "{status}");
+    }
+    let envelope = &doc["components"]["schemas"]["ErrorEnvelope"];
+    assert_eq!(envelope["required"], json!(["result", "success", "errors", "messages"]));
+    let images_request = &doc["components"]["schemas"]["ImagesRequest"]["properties"];
+    assert_eq!(images_request["guidance"]["maximum"], json!(30));
+    assert!(images_request["size"]["pattern"].is_string());
+    assert_eq!(
+        doc["paths"]["/ready"]["get"]["responses"]["503"]["content"]["application/json"]["schema"]["required"],
+        json!(["status"])
+    );
+}
+
+// regression (schemathesis, coverage phase): `1.0` is an `integer` to JSON Schema and to
+// Workers AI, but integer fields refused it with 400
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn integers_written_as_floats_are_integers() {
+    let (base, _) = start(SlowBackend::new(Duration::ZERO), 2, ServerConfig::default()).await;
+    let body = json!({"prompt": "x", "width": 256.0, "height": 2.56e2, "num_steps": 1.0, "seed": 7.0});
+    let response = post(&base, RUN, body).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-seed"], "7");
+    assert_eq!(png_to_rgb(&response.bytes().await.unwrap()).dimensions(), (256, 256));
+    let body = json!({"prompt": "x", "n": 2.0, "size": "256x256", "num_steps": 1.0, "seed": 3.0});
+    let response = post(&base, "/v1/images/generations", body).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["data"].as_array().unwrap().len(), 2);
+    // a fraction is still refused
+    let body = json!({"prompt": "x", "width": 256.5, "height": 256, "num_steps": 1});
+    let message = expect_error(post(&base, RUN, body).await, StatusCode::BAD_REQUEST, 5006).await;
+    assert!(message.starts_with("`width`: invalid value"), "{message}");
+}

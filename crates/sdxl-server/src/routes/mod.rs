@@ -10,3 +10,9 @@ use crate::error::ApiError;
 pub async fn not_found() -> ApiError {
     ApiError::NotFound
 }
+
+/// A known route with a method it does not serve: 405 with code 10405 in the envelope (the
+/// router adds the `Allow` header).
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}

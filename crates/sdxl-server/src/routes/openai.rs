@@ -25,6 +25,7 @@ pub struct ImagesRequest {
     pub prompt: String,
     /// Number of images, 1-4; image i uses seed + i.
     #[schema(minimum = 1, maximum = 4, default = 1)]
+    #[serde(default, deserialize_with = "crate::wire::optional_integer")]
     pub n: Option<usize>,
     /// `"WxH"`, each side 256-2048 (default `"1024x1024"`).
     pub size: Option<String>,
@@ -33,8 +34,10 @@ pub struct ImagesRequest {
     /// Extension: what to steer away from.
     pub negative_prompt: Option<String>,
     /// Extension: seed of the first image.
+    #[serde(default, deserialize_with = "crate::wire::optional_integer")]
     pub seed: Option<u64>,
     /// Extension: denoising steps (1-20).
+    #[serde(default, deserialize_with = "crate::wire::optional_integer")]
     pub num_steps: Option<usize>,
     /// Extension: guidance scale (0-30).
     pub guidance: Option<f64>,
@@ -82,8 +85,9 @@ pub async fn generations(
     body: Body,
 ) -> Result<Json<ImagesResponse>, OpenAiError> {
     state.inner.keys.check(&headers)?;
-    let body = read_body(body, state.config().body_limit).await?;
+    let (body, reservation) = read_body(&state, &headers, body).await?;
     let wire: ImagesRequest = parse_json(&body)?;
+    drop((body, reservation));
     let n = wire.n.unwrap_or(1);
     if !(1..=4).contains(&n) {
         return Err(ApiError::BadRequest(format!("`n` must be between 1 and 4, got {n}")).into());
@@ -125,11 +129,16 @@ pub async fn generations(
     Ok(Json(ImagesResponse { created, data }))
 }
 
-/// `"WxH"` → (W, H); the bounds are checked with the rest of the request.
+/// `"WxH"` → (W, H): decimal sides without sign, spaces or leading zeros, as the OpenAPI
+/// pattern says; the bounds are checked with the rest of the request.
 fn parse_size(size: &str) -> Result<(usize, usize), ApiError> {
     let invalid = || ApiError::BadRequest(format!("`size` must look like \"1024x1024\", got {size:?}"));
+    let side = |text: &str| {
+        let canonical = !text.is_empty() && !text.starts_with('0') && text.bytes().all(|b| b.is_ascii_digit());
+        canonical.then(|| text.parse().ok()).flatten().ok_or_else(invalid)
+    };
     let (w, h) = size.split_once('x').ok_or_else(invalid)?;
-    Ok((w.trim().parse().map_err(|_| invalid())?, h.trim().parse().map_err(|_| invalid())?))
+    Ok((side(w)?, side(h)?))
 }
 
 #[cfg(test)]
@@ -141,5 +150,9 @@ mod tests {
         assert_eq!(parse_size("512x768").unwrap(), (512, 768));
         assert!(parse_size("512").is_err());
         assert!(parse_size("ax1").is_err());
+        // only what the OpenAPI pattern admits
+        for size in [" 512x512", "512 x512", "+512x512", "0512x512", "512x", "x512", "512x512x512", "५१२x512"] {
+            assert!(parse_size(size).is_err(), "{size:?}");
+        }
     }
 }

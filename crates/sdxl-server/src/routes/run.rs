@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
@@ -18,21 +19,29 @@ use crate::{AppState, ServerConfig, MODEL_ID};
 /// The account-scoped route (the account id is accepted and ignored).
 pub async fn account_route(
     State(state): State<AppState>,
-    Path((_account_id, model)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let Path((_account_id, model)) = path.map_err(bad_path)?;
     run(state, &model, &headers, body).await
 }
 
 /// The short route without an account.
 pub async fn short_route(
     State(state): State<AppState>,
-    Path(model): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let Path(model) = path.map_err(bad_path)?;
     run(state, &model, &headers, body).await
+}
+
+/// A path segment axum cannot decode (percent-encoded bytes that are not UTF-8): 400 in the
+/// envelope, not axum's plain-text rejection.
+fn bad_path(rejection: PathRejection) -> ApiError {
+    ApiError::BadRequest(format!("invalid URL: {}", rejection.body_text()))
 }
 
 async fn run(state: AppState, model: &str, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
@@ -41,28 +50,41 @@ async fn run(state: AppState, model: &str, headers: &HeaderMap, body: Body) -> R
     if model != MODEL_ID {
         return Err(ApiError::UnknownModel(model.to_string()));
     }
-    let body = read_body(body, state.config().body_limit).await?;
-    let (request, seed) = validate_run_body(&body, state.config())?;
+    let (body, reservation) = read_body(&state, headers, body).await?;
+    let config = state.config().clone();
+    let (request, seed) = state.inner.admission.decode(move || validate_run_body(&body, &config)).await?;
+    drop(reservation);
     let done = execute(&state, request).await?;
     png_response(&done, seed).await
 }
 
-/// Reads the whole body, refusing more than `limit` bytes with 413, and a body that does not
-/// arrive within the body-read timeout with 408.
-pub async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes().to_vec()),
+/// Reads the whole body within the shared body-memory budget (see [`crate::admission`]),
+/// refusing more than the body limit with 413, and a body that has not wholly arrived within
+/// the body-read timeout with 408. The timeout bounds the whole body, not the pauses between
+/// its pieces, so a client trickling one byte at a time is cut off too. The reservation is
+/// returned with the bytes: keep it while they are parsed.
+pub async fn read_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(axum::body::Bytes, crate::admission::Reservation), ApiError> {
+    let config = state.config();
+    let limit = config.body_limit;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let reservation = state.inner.admission.reserve_body(declared, limit, config.body_read_timeout).await?;
+    let collected = tokio::time::timeout(config.body_read_timeout, Limited::new(body, limit).collect())
+        .await
+        .map_err(|_| ApiError::Timeout)?;
+    match collected {
+        Ok(collected) => Ok((collected.to_bytes(), reservation)),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             Err(ApiError::PayloadTooLarge(limit))
         }
-        Err(e) if caused_by::<tower_http::timeout::TimeoutError>(e.as_ref()) => Err(ApiError::Timeout),
         Err(e) => Err(ApiError::BadRequest(format!("cannot read the request body: {e}"))),
     }
-}
-
-/// Whether `error` or any of its sources is a `T`.
-fn caused_by<T: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
-    std::iter::successors(Some(error), |e| e.source()).any(|e| e.is::<T>())
 }
 
 /// A run route's body → the engine's validated request (input images decoded) and its seed,
@@ -77,6 +99,11 @@ pub fn validate_run_body(body: &[u8], config: &ServerConfig) -> Result<(Generate
 fn to_request(wire: RunRequest, config: &ServerConfig) -> Result<(GenerateRequest, u64), ApiError> {
     if wire.prompt.is_empty() {
         return Err(ApiError::BadRequest("`prompt` must be at least 1 character long".into()));
+    }
+    // checked even without an image, where it is otherwise ignored: out of range is a schema
+    // violation either way
+    if let Some(strength) = wire.strength.filter(|s| !(0.0..=1.0).contains(s)) {
+        return Err(ApiError::BadRequest(format!("`strength` must be between 0 and 1, got {strength}")));
     }
     let image = match (wire.image, wire.image_b64) {
         (Some(_), Some(_)) => {
