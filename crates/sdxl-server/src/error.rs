@@ -85,8 +85,16 @@ impl IntoResponse for ApiError {
             "messages": [],
         });
         let mut response = (status, axum::Json(body)).into_response();
-        if let ApiError::QueueFull { retry_after_seconds } = self {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_seconds));
+        match self {
+            ApiError::QueueFull { retry_after_seconds } => {
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_seconds));
+            }
+            // The body may be partly unread, so the connection cannot carry another request:
+            // say so, or a client may reuse it and see it closed under its next request.
+            ApiError::PayloadTooLarge(_) | ApiError::Timeout => {
+                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
         }
         response
     }

@@ -193,7 +193,11 @@ async fn bad_requests_get_the_envelope_and_the_server_keeps_serving() {
     let unknown_route = client.get(format!("{base}/nope")).send().await.unwrap();
     expect_error(unknown_route, StatusCode::NOT_FOUND, 7003).await;
     let huge = json!({"prompt": "x", "image": vec![0u8; 1 << 20]});
-    expect_error(send(RUN, huge).await.unwrap(), StatusCode::PAYLOAD_TOO_LARGE, 3006).await;
+    let too_large = send(RUN, huge).await.unwrap();
+    // regression: without `connection: close` the client pooled the connection the server was
+    // closing, and the next request on it failed (IncompleteMessage)
+    assert_eq!(too_large.headers().get("connection").map(|v| v.to_str().unwrap()), Some("close"));
+    expect_error(too_large, StatusCode::PAYLOAD_TOO_LARGE, 3006).await;
     // still serving
     let ok = send(RUN, json!({"prompt": "x", "width": 256, "height": 256, "num_steps": 1})).await.unwrap();
     assert_eq!(ok.status(), StatusCode::OK);
