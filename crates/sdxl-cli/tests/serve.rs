@@ -10,8 +10,20 @@ fn fixture_model() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../sdxl-models/tests/fixtures/tiny-sdxl")
 }
 
-/// Starts the server on a free port; returns the child and its base URL from the start-up line.
-fn start_server() -> (Child, String) {
+/// The server process, killed when dropped, so a failed assertion leaves no server running.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Starts the server on a free port; returns the process and its base URL from the start-up line.
+fn start_server() -> (Server, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sdxl"))
         .args(["serve", "--port", "0"])
         .env("SDXL_MODEL", fixture_model())
@@ -32,12 +44,13 @@ fn start_server() -> (Child, String) {
     };
     // keep draining stderr so the server never blocks on a full pipe
     std::thread::spawn(move || for _ in lines {});
-    (child, url)
+    (Server(child), url)
 }
 
 #[test]
 fn serves_generates_and_stops_on_sigterm() {
-    let (mut child, base) = start_server();
+    let (mut server, base) = start_server();
+    let child = &mut server.0;
     let client = reqwest::blocking::Client::new();
     let run = format!("{base}/client/v4/accounts/abc/ai/run/@cf/bytedance/stable-diffusion-xl-lightning");
     let body =
