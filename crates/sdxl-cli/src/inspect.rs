@@ -7,7 +7,8 @@ use sdxl_engine::inspect::{check_single_file, inspect_dir, inspect_file, FileRep
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// A .safetensors file, or a model directory in the diffusers layout.
+    /// A .safetensors file, a model directory in the diffusers layout, or a PNG made by
+    /// `sdxl` (or another SDXL tool), whose generation parameters are printed.
     path: PathBuf,
     /// For a single-file checkpoint: the diffusers directory that describes it (default: SDXL
     /// base's description, built in).
@@ -16,6 +17,14 @@ pub struct InspectArgs {
 }
 
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
+    if is_png(&args.path) {
+        let bytes = std::fs::read(&args.path)?;
+        match sdxl_engine::png::read_parameters(&bytes)? {
+            Some(parameters) => println!("{parameters}"),
+            None => anyhow::bail!("{}: a PNG without generation parameters", args.path.display()),
+        }
+        return Ok(());
+    }
     if args.path.is_dir() {
         let mut failed = Vec::new();
         for component in inspect_dir(&args.path)? {
@@ -51,6 +60,14 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether `path` is a file that starts with the PNG signature.
+fn is_png(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut signature = [0u8; 8];
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut signature)).is_ok()
+        && signature == *b"\x89PNG\r\n\x1a\n"
 }
 
 fn print_file(prefix: &str, file: &FileReport) {

@@ -49,3 +49,30 @@ fn a_broken_component_is_named_and_fails() {
     assert!(out.contains("  vae: does not load:") && out.contains("missing tensor"), "{out}");
     assert!(out.contains("  unet: loads; every tensor is used"), "{out}");
 }
+
+#[test]
+fn a_generated_png_carries_its_parameters_and_inspect_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cat.png");
+    let model = fixture("tiny-sdxl");
+    let args = [
+        "generate", "--model", model.to_str().unwrap(), "--prompt", "a cat in a hat", "--negative-prompt", "blurry",
+        "--width", "64", "--height", "48", "--steps", "2", "--guidance", "3.5", "--seed", "7", "--output",
+        out.to_str().unwrap(),
+    ];
+    let generated = Command::new(env!("CARGO_BIN_EXE_sdxl")).args(args).output().unwrap();
+    assert!(generated.status.success(), "{}", String::from_utf8_lossy(&generated.stderr));
+    let (ok, text) = inspect(&out);
+    assert!(ok, "{text}");
+    assert_eq!(
+        text.trim_end(),
+        "a cat in a hat\nNegative prompt: blurry\n\
+         Steps: 2, Sampler: Euler, CFG scale: 3.5, Seed: 7, Size: 64x48, Model: tiny-sdxl"
+    );
+}
+
+#[test]
+fn a_png_without_parameters_fails_to_inspect() {
+    let (ok, _) = inspect(&fixture("golden/tiny-sdxl/edit_mask_64x64.png"));
+    assert!(!ok);
+}
