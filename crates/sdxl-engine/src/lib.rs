@@ -11,11 +11,12 @@ pub mod inspect;
 pub mod metric_names;
 pub mod model;
 pub mod png;
+pub mod preview;
 pub mod queue;
 pub mod request;
 #[cfg(feature = "test-backend")]
 pub mod test_backend;
 
 pub use error::{Error, Result};
-pub use queue::{Backend, Completed, PipelineBackend, Queue, QueueConfig, Ticket};
+pub use queue::{Backend, Completed, Event, PipelineBackend, Queue, QueueConfig, Step, Ticket, Update};
 pub use request::{GenerateRequest, Limits, NoiseSource, RawRequest};

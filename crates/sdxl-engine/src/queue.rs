@@ -4,7 +4,9 @@
 //! await the [`Ticket`]. One plain std thread (`sdxl-worker`) owns the [`Backend`] and runs
 //! one job at a time, first come first served, blocking on a `Mutex<VecDeque>` + `Condvar`;
 //! no async runtime runs inside the engine. Replies travel on a `tokio::sync::oneshot`
-//! channel, progress on a `tokio::sync::watch`, so a handler can await both.
+//! channel, progress [`Event`]s (queue position, each step, previews on request) on an
+//! unbounded `tokio::sync::mpsc` channel, so a handler can await both. The channel is bounded
+//! in practice: a job sends at most one event per step and one per change of its position.
 //!
 //! Life of a job:
 //! - `submit` refuses at once with [`Error::QueueFull`] when `capacity` jobs already wait,
@@ -26,22 +28,30 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use candle_core::Tensor;
 use sdxl_models::pipeline::Pipeline;
 use sdxl_models::pixels::RgbImage;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::metric_names::{self, count_job, Outcome};
 use crate::{Error, GenerateRequest, Result};
 
 /// What the worker runs: a model that turns one request into an image.
 pub trait Backend: Send + 'static {
-    /// Runs one request; calls `on_step(done, total)` after each denoising step and stops
-    /// (returning `Err(Error::Cancelled)`) when it answers [`ControlFlow::Break`].
-    fn generate(
-        &mut self,
-        request: &GenerateRequest,
-        on_step: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
-    ) -> Result<RgbImage>;
+    /// Runs one request; calls `on_step` after each denoising step and stops (returning
+    /// `Err(Error::Cancelled)`) when it answers [`ControlFlow::Break`].
+    fn generate(&mut self, request: &GenerateRequest, on_step: &mut dyn FnMut(&Step) -> ControlFlow<()>)
+        -> Result<RgbImage>;
+}
+
+/// A denoising step a [`Backend`] has finished.
+pub struct Step<'a> {
+    /// Steps done, 1-based.
+    pub done: usize,
+    pub total: usize,
+    /// The latents after this step, `[1, 4, h, w]`, and the pixels per latent cell, when the
+    /// backend has them (the previews are made from them).
+    pub latents: Option<(&'a Tensor, usize)>,
 }
 
 /// The real backend: a loaded [`Pipeline`], running [`crate::generate::generate`].
@@ -51,9 +61,12 @@ impl Backend for PipelineBackend {
     fn generate(
         &mut self,
         request: &GenerateRequest,
-        on_step: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+        on_step: &mut dyn FnMut(&Step) -> ControlFlow<()>,
     ) -> Result<RgbImage> {
-        crate::generate::generate(&self.0, request, &mut |progress| on_step(progress.step, progress.total))
+        let scale = self.0.vae_scale_factor();
+        crate::generate::generate(&self.0, request, &mut |progress| {
+            on_step(&Step { done: progress.step, total: progress.total, latents: Some((progress.latents, scale)) })
+        })
     }
 }
 
@@ -63,6 +76,23 @@ pub struct QueueConfig {
     /// Jobs that may wait; the running job is not counted. With 0, a job is accepted only
     /// when the worker is free.
     pub capacity: usize,
+}
+
+/// What a job reports while it waits and runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Waiting, with `position` jobs ahead of it (0: it runs next). Sent when it changes.
+    Queued { position: usize },
+    /// Denoising step `step` of `total` finished, `elapsed` after the job started; with a
+    /// [`crate::preview`] of the latents if the job was submitted with previews.
+    Step { step: usize, total: usize, elapsed: Duration, preview: Option<RgbImage> },
+}
+
+/// What [`Ticket::next`] answers: an event, or the job's result, which comes last.
+#[derive(Debug)]
+pub enum Update {
+    Event(Event),
+    Done(Result<Completed>),
 }
 
 /// A finished job.
@@ -118,7 +148,11 @@ struct Job {
     deadline: Instant,
     submitted: Instant,
     reply: oneshot::Sender<Result<Completed>>,
-    progress: watch::Sender<(usize, usize)>,
+    events: mpsc::UnboundedSender<Event>,
+    /// Whether step events carry previews.
+    previews: bool,
+    /// The queue position last sent, to send only changes.
+    position: Option<usize>,
 }
 
 impl Queue {
@@ -148,6 +182,15 @@ impl Queue {
     /// [`Error::QueueFull`] when `capacity` jobs already wait, and with
     /// [`Error::ShuttingDown`] after [`Queue::shutdown`].
     pub fn submit(&self, request: GenerateRequest, deadline: Instant) -> Result<Ticket> {
+        self.submit_job(request, deadline, false)
+    }
+
+    /// [`Queue::submit`], with a preview of the latents in every [`Event::Step`].
+    pub fn submit_with_previews(&self, request: GenerateRequest, deadline: Instant) -> Result<Ticket> {
+        self.submit_job(request, deadline, true)
+    }
+
+    fn submit_job(&self, request: GenerateRequest, deadline: Instant, previews: bool) -> Result<Ticket> {
         let shared = &self.handle.shared;
         let mut state = shared.lock();
         if !state.accepting {
@@ -160,12 +203,13 @@ impl Queue {
         let id = state.next_id;
         state.next_id += 1;
         let (reply, reply_rx) = oneshot::channel();
-        let (progress, progress_rx) = watch::channel((0, 0));
-        state.waiting.push_back(Job { id, request, deadline, submitted: Instant::now(), reply, progress });
-        publish_depth(&state);
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let submitted = Instant::now();
+        state.waiting.push_back(Job { id, request, deadline, submitted, reply, events, previews, position: None });
+        publish_queue(&mut state);
         drop(state);
         shared.work.notify_one();
-        Ok(Ticket { id, shared: Arc::clone(shared), reply: reply_rx, progress: progress_rx })
+        Ok(Ticket { id, shared: Arc::clone(shared), reply: Some(reply_rx), events: events_rx })
     }
 
     /// Jobs waiting to start (the queue depth; the running job not counted).
@@ -209,24 +253,43 @@ impl Queue {
 pub struct Ticket {
     id: u64,
     shared: Arc<Shared>,
-    reply: oneshot::Receiver<Result<Completed>>,
-    progress: watch::Receiver<(usize, usize)>,
+    /// `None` once the result has been taken by [`Ticket::next`].
+    reply: Option<oneshot::Receiver<Result<Completed>>>,
+    events: mpsc::UnboundedReceiver<Event>,
 }
 
 impl Ticket {
-    /// The job's result. Dropping this future drops the ticket, which cancels the job.
+    /// The job's result, its events unread. Dropping this future drops the ticket, which
+    /// cancels the job.
     pub async fn wait(mut self) -> Result<Completed> {
-        match (&mut self.reply).await {
-            Ok(result) => result,
-            // Only a worker that died outside the backend call drops a job unanswered.
-            Err(_) => Err(Error::Internal("the worker stopped without answering".into())),
+        match self.reply.take() {
+            Some(reply) => answer(reply.await),
+            None => Err(Error::Internal("the result was already taken".into())),
         }
     }
 
-    /// The latest `(step, total)` of this job; `(0, 0)` before it starts.
-    pub fn progress(&self) -> watch::Receiver<(usize, usize)> {
-        self.progress.clone()
+    /// The job's next event in order, then its result (after every event it sent); after
+    /// the result, `Done(Err(Error::Internal))`. Dropping the ticket cancels the job.
+    pub async fn next(&mut self) -> Update {
+        let Some(reply) = &mut self.reply else {
+            return Update::Done(Err(Error::Internal("the result was already taken".into())));
+        };
+        // The worker sends a job's events before its result, so preferring events keeps the
+        // order.
+        tokio::select! {
+            biased;
+            Some(event) = self.events.recv() => Update::Event(event),
+            result = reply => {
+                self.reply = None;
+                Update::Done(answer(result))
+            }
+        }
     }
+}
+
+fn answer(received: std::result::Result<Result<Completed>, oneshot::error::RecvError>) -> Result<Completed> {
+    // Only a worker that died outside the backend call drops a job unanswered.
+    received.unwrap_or_else(|_| Err(Error::Internal("the worker stopped without answering".into())))
 }
 
 impl Drop for Ticket {
@@ -248,7 +311,7 @@ impl Shared {
         loop {
             if let Some(job) = state.waiting.pop_front() {
                 state.running = true;
-                publish_depth(&state);
+                publish_queue(&mut state);
                 return Some(job);
             }
             if !state.accepting {
@@ -270,7 +333,7 @@ impl Shared {
             return;
         };
         state.waiting.remove(position);
-        publish_depth(&state);
+        publish_queue(&mut state);
         drop(state);
         self.idle.notify_all();
         count_job(Outcome::Cancelled);
@@ -285,7 +348,7 @@ impl Shared {
         let (expired, kept): (VecDeque<Job>, VecDeque<Job>) =
             std::mem::take(&mut state.waiting).into_iter().partition(|job| job.deadline <= now);
         state.waiting = kept;
-        publish_depth(&state);
+        publish_queue(&mut state);
         drop(state);
         self.idle.notify_all();
         for job in expired {
@@ -299,7 +362,7 @@ impl Shared {
         let mut state = self.lock();
         state.accepting = false;
         let drained = std::mem::take(&mut state.waiting);
-        publish_depth(&state);
+        publish_queue(&mut state);
         drop(state);
         self.work.notify_all();
         self.idle.notify_all();
@@ -310,8 +373,16 @@ impl Shared {
     }
 }
 
-fn publish_depth(state: &State) {
+/// Publishes the queue depth, and each waiting job's position where it changed.
+fn publish_queue(state: &mut State) {
     metrics::gauge!(metric_names::QUEUE_DEPTH).set(state.waiting.len() as f64);
+    for (position, job) in state.waiting.iter_mut().enumerate() {
+        if job.position != Some(position) {
+            job.position = Some(position);
+            // the requester may be gone already; its ticket's drop withdraws the job
+            let _ = job.events.send(Event::Queued { position });
+        }
+    }
 }
 
 /// The worker thread: runs jobs until the queue shuts down and empties.
@@ -324,7 +395,7 @@ fn work<B: Backend>(mut backend: B, shared: &Shared) {
 
 /// Runs one job and answers it.
 fn run<B: Backend>(backend: &mut B, shared: &Shared, job: Job) {
-    let Job { request, deadline, submitted, reply, progress, .. } = job;
+    let Job { request, deadline, submitted, reply, events, previews, .. } = job;
     let start = Instant::now();
     if reply.is_closed() {
         count_job(Outcome::Cancelled);
@@ -342,13 +413,20 @@ fn run<B: Backend>(backend: &mut B, shared: &Shared, job: Job) {
     let mut stopped: Option<Outcome> = None;
     let mut last_step: Option<Instant> = None;
     let result = catch_unwind(AssertUnwindSafe(|| {
-        backend.generate(&request, &mut |done, total| {
+        backend.generate(&request, &mut |step| {
             let now = Instant::now();
             if let Some(last) = last_step {
                 metrics::histogram!(metric_names::STEP_SECONDS).record((now - last).as_secs_f64());
             }
             last_step = Some(now);
-            progress.send_replace((done, total));
+            let preview = match step.latents {
+                // a preview that cannot be made (another latent layout) is left out
+                Some((latents, scale)) if previews => {
+                    crate::preview::latent_preview(latents, scale, request.width, request.height).ok()
+                }
+                _ => None,
+            };
+            let _ = events.send(Event::Step { step: step.done, total: step.total, elapsed: now - start, preview });
             // Waiting jobs time out within one step of their deadline, not when they reach
             // the front of the queue.
             shared.expire_waiting(now);
@@ -432,7 +510,7 @@ mod tests {
         fn generate(
             &mut self,
             request: &GenerateRequest,
-            on_step: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+            on_step: &mut dyn FnMut(&Step) -> ControlFlow<()>,
         ) -> Result<RgbImage> {
             let prompt = request.prompt.clone();
             self.seen.lock().unwrap().started.push(prompt.clone());
@@ -444,7 +522,7 @@ mod tests {
                     panic!("fake backend panics on request");
                 }
                 *self.seen.lock().unwrap().steps.entry(prompt.clone()).or_default() += 1;
-                if on_step(step, request.steps).is_break() {
+                if on_step(&Step { done: step, total: request.steps, latents: None }).is_break() {
                     return Err(Error::Cancelled);
                 }
             }
@@ -520,9 +598,35 @@ mod tests {
         runtime.block_on(async { tokio::time::timeout(PATIENCE, future).await.expect("the queue answered in time") })
     }
 
-    /// Blocks until the job behind `progress` has reported step `step`.
-    fn await_step(progress: &mut watch::Receiver<(usize, usize)>, step: usize) -> (usize, usize) {
-        block_on(async { *progress.wait_for(|&(done, _)| done >= step).await.expect("the job is alive") })
+    /// Blocks until `ticket`'s job has reported step `step`; answers its events until then.
+    fn await_step(ticket: &mut Ticket, step: usize) -> Vec<Event> {
+        let mut events = Vec::new();
+        block_on(async {
+            loop {
+                match ticket.next().await {
+                    Update::Event(event) => {
+                        let reached = matches!(event, Event::Step { step: done, .. } if done >= step);
+                        events.push(event);
+                        if reached {
+                            return;
+                        }
+                    }
+                    Update::Done(result) => panic!("the job ended before step {step}: {result:?}"),
+                }
+            }
+        });
+        events
+    }
+
+    /// The `(step, total)` of each step event.
+    fn steps_of(events: &[Event]) -> Vec<(usize, usize)> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Step { step, total, .. } => Some((*step, *total)),
+                Event::Queued { .. } => None,
+            })
+            .collect()
     }
 
     #[test]
@@ -604,9 +708,9 @@ mod tests {
     #[test]
     fn a_dropped_running_ticket_stops_at_the_next_step() {
         let mut h = Harness::new(1);
-        let a = h.submit("a", 10).unwrap();
+        let mut a = h.submit("a", 10).unwrap();
         h.permit(1);
-        await_step(&mut a.progress(), 1);
+        await_step(&mut a, 1);
         drop(a);
         h.permit(1);
         // without cancellation the worker would wait for a third permit and never go idle
@@ -641,9 +745,9 @@ mod tests {
     fn a_deadline_passing_mid_run_times_out_at_the_next_step() {
         let h = Harness::new(1);
         let deadline = Instant::now() + Duration::from_millis(200);
-        let a = h.queue.submit(request("a", 10), deadline).unwrap();
+        let mut a = h.queue.submit(request("a", 10), deadline).unwrap();
         h.permit(1);
-        await_step(&mut a.progress(), 1);
+        await_step(&mut a, 1);
         // waiting for the clock itself, the thing under test
         std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
         h.permit(1);
@@ -699,17 +803,49 @@ mod tests {
     }
 
     #[test]
-    fn progress_reports_each_step() {
+    fn events_report_the_position_then_each_step_then_the_result() {
         let h = Harness::new(1);
-        let a = h.submit("a", 3).unwrap();
-        let mut progress = a.progress();
-        assert_eq!(*progress.borrow(), (0, 0));
+        let mut a = h.submit("a", 3).unwrap();
+        let mut seen = Vec::new();
         for step in 1..=3 {
             h.permit(1);
-            // the backend waits for the next permit, so the progress cannot run ahead
-            assert_eq!(await_step(&mut progress, step), (step, 3));
+            // the backend waits for the next permit, so the events cannot run ahead
+            seen.extend(await_step(&mut a, step));
         }
-        assert!(block_on(a.wait()).is_ok());
+        assert_eq!(seen[0], Event::Queued { position: 0 });
+        assert_eq!(steps_of(&seen), [(1, 3), (2, 3), (3, 3)]);
+        let elapsed: Vec<Duration> = seen
+            .iter()
+            .filter_map(|e| if let Event::Step { elapsed, .. } = e { Some(*elapsed) } else { None })
+            .collect();
+        assert!(elapsed.windows(2).all(|w| w[0] <= w[1]), "{elapsed:?}");
+        assert!(matches!(block_on(a.next()), Update::Done(Ok(_))));
+        assert!(matches!(block_on(a.next()), Update::Done(Err(Error::Internal(_)))), "the result comes once");
+    }
+
+    #[test]
+    fn waiting_jobs_hear_their_position_as_it_changes() {
+        let mut h = Harness::new(4);
+        let a = h.submit("a", 1).unwrap();
+        h.await_start("a");
+        let mut b = h.submit("b", 1).unwrap();
+        let mut c = h.submit("c", 1).unwrap();
+        let mut d = h.submit("d", 1).unwrap();
+        let next = |t: &mut Ticket| match block_on(t.next()) {
+            Update::Event(event) => event,
+            Update::Done(result) => panic!("expected an event, got {result:?}"),
+        };
+        assert_eq!(next(&mut b), Event::Queued { position: 0 });
+        assert_eq!(next(&mut c), Event::Queued { position: 1 });
+        assert_eq!(next(&mut d), Event::Queued { position: 2 });
+        drop(b);
+        assert_eq!(next(&mut c), Event::Queued { position: 0 });
+        assert_eq!(next(&mut d), Event::Queued { position: 1 });
+        h.open();
+        block_on(a.wait()).unwrap();
+        // c starts: d moves up; c's next event is its step
+        assert_eq!(next(&mut d), Event::Queued { position: 0 });
+        assert_eq!(steps_of(&[next(&mut c)]), [(1, 1)]);
     }
 
     #[test]
@@ -732,10 +868,16 @@ mod tests {
         let direct = crate::generate::generate(&load(), &request, &mut |_| ControlFlow::Continue(())).unwrap();
 
         let queue = Queue::start(PipelineBackend(load()), QueueConfig { capacity: 1 });
-        let ticket = queue.submit(request, Instant::now() + PATIENCE).unwrap();
-        let progress = ticket.progress();
+        let mut ticket = queue.submit_with_previews(request, Instant::now() + PATIENCE).unwrap();
+        let events = await_step(&mut ticket, 2);
+        assert_eq!(steps_of(&events), [(1, 2), (2, 2)]);
+        for event in &events {
+            if let Event::Step { preview, .. } = event {
+                let preview = preview.as_ref().expect("a preview with every step");
+                assert_eq!((preview.width, preview.height), (8, 8), "one pixel per 8×8 cell");
+            }
+        }
         let queued = block_on(ticket.wait()).unwrap();
-        assert_eq!(*progress.borrow(), (2, 2));
         assert_eq!((queued.image.width, queued.image.height), (64, 64));
         assert_eq!(queued.image, direct);
         assert_eq!(crate::png::encode(&queued.image).unwrap(), crate::png::encode(&direct).unwrap());

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use sdxl_models::pixels::RgbImage;
 
+use crate::queue::Step;
 use crate::{Backend, Error, GenerateRequest, NoiseSource, Result};
 
 /// Side of the square image every request gets.
@@ -22,11 +23,11 @@ impl Backend for DelayBackend {
     fn generate(
         &mut self,
         request: &GenerateRequest,
-        on_step: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+        on_step: &mut dyn FnMut(&Step) -> ControlFlow<()>,
     ) -> Result<RgbImage> {
         for step in 1..=request.steps {
             std::thread::sleep(self.step);
-            if on_step(step, request.steps).is_break() {
+            if on_step(&Step { done: step, total: request.steps, latents: None }).is_break() {
                 return Err(Error::Cancelled);
             }
         }
@@ -75,14 +76,14 @@ mod tests {
     fn equal_requests_give_equal_images_and_each_step_is_reported() {
         let mut backend = DelayBackend { step: Duration::from_millis(1) };
         let mut steps = Vec::new();
-        let a = backend.generate(&request("cat", 1, 3), &mut |s, n| {
-            steps.push((s, n));
+        let a = backend.generate(&request("cat", 1, 3), &mut |s| {
+            steps.push((s.done, s.total));
             ControlFlow::Continue(())
         });
         assert_eq!(steps, [(1, 3), (2, 3), (3, 3)]);
         let a = a.unwrap();
-        let again = backend.generate(&request("cat", 1, 3), &mut |_, _| ControlFlow::Continue(())).unwrap();
-        let other = backend.generate(&request("cat", 2, 3), &mut |_, _| ControlFlow::Continue(())).unwrap();
+        let again = backend.generate(&request("cat", 1, 3), &mut |_| ControlFlow::Continue(())).unwrap();
+        let other = backend.generate(&request("cat", 2, 3), &mut |_| ControlFlow::Continue(())).unwrap();
         assert_eq!(a, again);
         assert_ne!(a, other);
     }
@@ -91,9 +92,9 @@ mod tests {
     fn a_break_cancels_at_that_step() {
         let mut backend = DelayBackend { step: Duration::from_millis(1) };
         let mut seen = 0;
-        let result = backend.generate(&request("cat", 1, 5), &mut |s, _| {
-            seen = s;
-            if s == 2 {
+        let result = backend.generate(&request("cat", 1, 5), &mut |s| {
+            seen = s.done;
+            if s.done == 2 {
                 ControlFlow::Break(())
             } else {
                 ControlFlow::Continue(())

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use candle_core::{DType, Device};
 use reqwest::StatusCode;
-use sdxl_engine::queue::{Backend, PipelineBackend, Queue, QueueConfig};
+use sdxl_engine::queue::{Backend, PipelineBackend, Queue, QueueConfig, Step};
 use sdxl_engine::{GenerateRequest, Limits, NoiseSource, RawRequest};
 use sdxl_models::pixels::RgbImage;
 use sdxl_server::{app, AppState, ServerConfig};
@@ -54,12 +54,12 @@ impl Backend for SlowBackend {
     fn generate(
         &mut self,
         request: &GenerateRequest,
-        on_step: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+        on_step: &mut dyn FnMut(&Step) -> ControlFlow<()>,
     ) -> sdxl_engine::Result<RgbImage> {
         for step in 1..=request.steps {
             std::thread::sleep(self.step_time);
             self.steps_run.fetch_add(1, Ordering::SeqCst);
-            if on_step(step, request.steps).is_break() {
+            if on_step(&Step { done: step, total: request.steps, latents: None }).is_break() {
                 return Err(sdxl_engine::Error::Cancelled);
             }
         }
