@@ -92,21 +92,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     });
     bar.finish_and_clear();
     let image = image?;
-    let parameters = sdxl_engine::png::parameters_text(&request, &model_name(&args.model, &args.model_args));
+    let name = crate::model_args::model_name(&args.model, args.model_args.unet.as_deref());
+    let parameters = sdxl_engine::png::parameters_text(&request, &name);
     let png = sdxl_engine::png::encode_with_parameters(&image, &parameters)?;
     std::fs::write(&args.output, png).with_context(|| format!("cannot write {}", args.output.display()))?;
     if let NoiseSource::Seed(seed) = request.noise {
         eprintln!("seed {seed}");
     }
     Ok(())
-}
-
-/// The name the PNG's parameters give the model: the UNet file's when one replaces the
-/// model's, else the model file's or directory's, without `.safetensors`.
-fn model_name(model: &std::path::Path, model_args: &crate::model_args::ModelArgs) -> String {
-    let path = model_args.unet.as_deref().unwrap_or(model);
-    let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().to_string());
-    name.strip_suffix(".safetensors").unwrap_or(&name).to_string()
 }
 
 fn read_input(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {

@@ -73,3 +73,11 @@ impl ModelArgs {
         Ok(sdxl_engine::model::load_with(model, &self.overrides(), self.dtype.into(), &candle_core::Device::Cpu)?)
     }
 }
+
+/// The name the PNG's parameters give the model: the UNet file's when one replaces the
+/// model's, else the model file's or directory's, without `.safetensors`.
+pub fn model_name(model: &Path, unet: Option<&Path>) -> String {
+    let path = unet.unwrap_or(model);
+    let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().to_string());
+    name.strip_suffix(".safetensors").unwrap_or(&name).to_string()
+}

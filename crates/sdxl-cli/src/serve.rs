@@ -86,7 +86,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::bail!("`--default-guidance` must be between 0 and 30, got {}", args.default_guidance);
     }
     let queue_config = QueueConfig { capacity: args.queue_capacity };
-    let (queue, model) = start_queue(&args, queue_config)?;
+    let (queue, model, model_name) = start_queue(&args, queue_config)?;
     let config = ServerConfig {
         api_keys: args.api_keys.clone(),
         default_steps: args.default_steps,
@@ -95,6 +95,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         request_timeout: Duration::from_secs(args.request_timeout),
         header_read_timeout: Duration::from_secs(args.header_read_timeout),
         body_read_timeout: Duration::from_secs(args.body_read_timeout),
+        model_name,
         ..ServerConfig::default()
     };
     let state = AppState::new(queue, config);
@@ -103,12 +104,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Loads the model (downloading SDXL-Lightning first without `--model`) and starts its
-/// worker; returns the queue and the model's path.
-fn start_queue(args: &ServeArgs, config: QueueConfig) -> anyhow::Result<(Queue, PathBuf)> {
+/// worker; returns the queue, the model's path and its name for the PNG parameters.
+fn start_queue(args: &ServeArgs, config: QueueConfig) -> anyhow::Result<(Queue, PathBuf, String)> {
     #[cfg(feature = "test-backend")]
     if let Some(ms) = args.test_backend_step_ms {
         let backend = sdxl_engine::test_backend::DelayBackend { step: Duration::from_millis(ms) };
-        return Ok((Queue::start(backend, config), PathBuf::from(format!("test backend, {ms} ms per step"))));
+        let description = PathBuf::from(format!("test backend, {ms} ms per step"));
+        return Ok((Queue::start(backend, config), description, "test-backend".into()));
     }
     let (model, downloaded_unet) = match &args.model {
         Some(path) => (path.clone(), None),
@@ -121,9 +123,10 @@ fn start_queue(args: &ServeArgs, config: QueueConfig) -> anyhow::Result<(Queue, 
     };
     let mut overrides = args.model_args.overrides();
     overrides.unet = overrides.unet.or(downloaded_unet);
+    let name = crate::model_args::model_name(&model, overrides.unet.as_deref());
     let pipeline =
         sdxl_engine::model::load_with(&model, &overrides, args.model_args.dtype.into(), &candle_core::Device::Cpu)?;
-    Ok((Queue::start(PipelineBackend(pipeline), config), model))
+    Ok((Queue::start(PipelineBackend(pipeline), config), model, name))
 }
 
 async fn serve(args: ServeArgs, model: PathBuf, state: AppState) -> anyhow::Result<()> {

@@ -25,6 +25,8 @@ pub struct ServerConfig {
     pub concurrent_decodes: usize,
     /// How long a client may take to send its request line and headers.
     pub header_read_timeout: Duration,
+    /// The model's name in the parameters written into every PNG.
+    pub model_name: String,
 }
 
 impl Default for ServerConfig {
@@ -40,6 +42,7 @@ impl Default for ServerConfig {
             body_memory_budget: 512 * 1024 * 1024,
             concurrent_decodes: 2,
             header_read_timeout: Duration::from_secs(10),
+            model_name: "sdxl".into(),
         }
     }
 }

@@ -75,16 +75,23 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, code) = self.status_and_code();
-        let body = json!({
+impl ApiError {
+    /// The Workers AI error envelope for this error.
+    pub fn envelope(&self) -> serde_json::Value {
+        let (_, code) = self.status_and_code();
+        json!({
             "result": null,
             "success": false,
             "errors": [{ "code": code, "message": self.to_string() }],
             "messages": [],
-        });
-        let mut response = (status, axum::Json(body)).into_response();
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, _) = self.status_and_code();
+        let mut response = (status, axum::Json(self.envelope())).into_response();
         match self {
             ApiError::QueueFull { retry_after_seconds } => {
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_seconds));

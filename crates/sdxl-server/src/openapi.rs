@@ -267,6 +267,32 @@ fn paths(auth: bool) -> utoipa::openapi::Paths {
         auth,
     ))
     .build();
+    let events = ResponseBuilder::new()
+        .description(
+            "Server-Sent Events: `queued` {position} while waiting (jobs ahead; 0 = next), one `step` \
+             {step, total, elapsed_ms, eta_ms, preview} per denoising step (preview: base64 PNG of the latents, \
+             one pixel per 8×8 block, or null), then `image` {image (base64 PNG, the run route's bytes), seed \
+             (decimal string), queue_time_ms, inference_time_ms} or `error` (the error envelope). Closing the \
+             stream cancels the job.",
+        )
+        .content(
+            "text/event-stream",
+            ContentBuilder::new().schema(Some(ObjectBuilder::new().schema_type(Type::String))).build(),
+        )
+        .build();
+    let stream = secured(with_errors(
+        OperationBuilder::new()
+            .operation_id(Some("run_stream"))
+            .summary(Some("Generate an image, streaming progress and previews"))
+            .request_body(Some(json_body(
+                "RunRequest",
+                json!({"prompt": "cyberpunk cat", "num_steps": 4, "guidance": 0, "seed": 42}),
+            )))
+            .response("200", events),
+        "ErrorEnvelope",
+        auth,
+    ))
+    .build();
     let status = |values: &[&str]| {
         ObjectBuilder::new()
             .property("status", ObjectBuilder::new().schema_type(Type::String).enum_values(Some(values.to_vec())))
@@ -293,6 +319,10 @@ fn paths(auth: bool) -> utoipa::openapi::Paths {
         )
         .build();
     let openapi = json_response("This document", ObjectBuilder::new().schema_type(Type::Object));
+    let html = ResponseBuilder::new()
+        .description("The playground page")
+        .content("text/html", ContentBuilder::new().schema(Some(ObjectBuilder::new().schema_type(Type::String))).build())
+        .build();
     PathsBuilder::new()
         .path(
             "/client/v4/accounts/{account_id}/ai/run/@cf/bytedance/stable-diffusion-xl-lightning",
@@ -300,6 +330,8 @@ fn paths(auth: bool) -> utoipa::openapi::Paths {
         )
         .path("/ai/run/@cf/bytedance/stable-diffusion-xl-lightning", PathItem::new(HttpMethod::Post, run("run", false)))
         .path("/v1/images/generations", PathItem::new(HttpMethod::Post, images))
+        .path("/v1/run/stream", PathItem::new(HttpMethod::Post, stream))
+        .path("/", get("playground", "The playground page (no auth needed; its API calls carry the token)", vec![("200", html)]))
         .path("/health", get("health", "Liveness", vec![("200", json_response("Alive", status(&["ok"])))]))
         .path(
             "/ready",

@@ -1,117 +1,18 @@
 //! The server over real HTTP on an ephemeral port: the tiny model for the happy paths, a
 //! slow fake backend for queueing, timeouts and cancellation.
 
-use std::future::IntoFuture;
-use std::net::SocketAddr;
-use std::ops::ControlFlow;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use candle_core::{DType, Device};
 use reqwest::StatusCode;
-use sdxl_engine::queue::{Backend, PipelineBackend, Queue, QueueConfig, Step};
-use sdxl_engine::{GenerateRequest, Limits, NoiseSource, RawRequest};
-use sdxl_models::pixels::RgbImage;
+use sdxl_engine::queue::{Queue, QueueConfig};
 use sdxl_server::{app, AppState, ServerConfig};
 use serde_json::{json, Value};
 
-const RUN: &str = "/client/v4/accounts/abc/ai/run/@cf/bytedance/stable-diffusion-xl-lightning";
+mod common;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../sdxl-models/tests/fixtures")
-}
-
-async fn start(backend: impl Backend, capacity: usize, config: ServerConfig) -> (String, AppState) {
-    let queue = Queue::start(backend, QueueConfig { capacity });
-    let state = AppState::new(queue, config);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address: SocketAddr = listener.local_addr().unwrap();
-    tokio::spawn(axum::serve(listener, app(state.clone())).into_future());
-    (format!("http://{address}"), state)
-}
-
-fn tiny_model() -> PipelineBackend {
-    PipelineBackend(sdxl_engine::model::load(&fixtures().join("tiny-sdxl"), DType::F32, &Device::Cpu).unwrap())
-}
-
-/// Sleeps `step_time` per step, counting steps; returns a gray image of the asked size.
-#[derive(Clone)]
-struct SlowBackend {
-    step_time: Duration,
-    steps_run: Arc<AtomicUsize>,
-}
-
-impl SlowBackend {
-    fn new(step_time: Duration) -> Self {
-        Self { step_time, steps_run: Arc::new(AtomicUsize::new(0)) }
-    }
-}
-
-impl Backend for SlowBackend {
-    fn generate(
-        &mut self,
-        request: &GenerateRequest,
-        on_step: &mut dyn FnMut(&Step) -> ControlFlow<()>,
-    ) -> sdxl_engine::Result<RgbImage> {
-        for step in 1..=request.steps {
-            std::thread::sleep(self.step_time);
-            self.steps_run.fetch_add(1, Ordering::SeqCst);
-            if on_step(&Step { done: step, total: request.steps, latents: None }).is_break() {
-                return Err(sdxl_engine::Error::Cancelled);
-            }
-        }
-        Ok(RgbImage {
-            width: request.width,
-            height: request.height,
-            pixels: vec![128; 3 * request.width * request.height],
-        })
-    }
-}
-
-async fn post(base: &str, path: &str, body: Value) -> reqwest::Response {
-    reqwest::Client::new().post(format!("{base}{path}")).json(&body).send().await.unwrap()
-}
-
-/// Asserts a Workers AI error envelope with `status` and `code`; returns the message.
-async fn expect_error(response: reqwest::Response, status: StatusCode, code: u64) -> String {
-    assert_eq!(response.status(), status);
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["success"], json!(false), "{body}");
-    assert_eq!(body["result"], Value::Null);
-    assert_eq!(body["messages"], json!([]));
-    assert_eq!(body["errors"][0]["code"], json!(code), "{body}");
-    body["errors"][0]["message"].as_str().unwrap().to_string()
-}
-
-fn png_to_rgb(bytes: &[u8]) -> image::RgbImage {
-    image::load_from_memory(bytes).unwrap().to_rgb8()
-}
-
-/// What the engine (and so `sdxl generate`) produces for the same request.
-fn engine_png(raw: RawRequest) -> Vec<u8> {
-    let request = GenerateRequest::parse(raw, &Limits::SERVER).unwrap();
-    let PipelineBackend(pipeline) = tiny_model();
-    let image = sdxl_engine::generate::generate(&pipeline, &request, &mut |_| ControlFlow::Continue(())).unwrap();
-    sdxl_engine::png::encode(&image).unwrap()
-}
-
-fn raw(prompt: &str, steps: usize, seed: u64) -> RawRequest {
-    RawRequest {
-        prompt: prompt.into(),
-        negative_prompt: None,
-        width: Some(256),
-        height: Some(256),
-        steps,
-        guidance: 0.0,
-        noise: NoiseSource::Seed(seed),
-        image: None,
-        mask: None,
-        strength: None,
-    }
-}
+use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_to_image_returns_the_engines_png() {

@@ -44,6 +44,8 @@ function saveToken() {
 
 // ---- the request --------------------------------------------------------------------
 
+const clampSide = (side) => Math.min(Math.max(side, 256), 2048);
+
 // null: leave width and height out, so the server uses the input image's size.
 function requestedSize() {
   const value = $('size').value;
@@ -180,8 +182,9 @@ async function loadImage(file) {
   canvas.height = height;
   clearMask();
 
-  // the server sizes the output from the image when width and height are absent
-  const option = new Option(`image (${width} × ${height})`, 'image');
+  // the server sizes the output from the image when width and height are absent, clamped
+  // into the accepted range
+  const option = new Option(`image (${clampSide(width)} × ${clampSide(height)})`, 'image');
   $('size').add(option, 0);
   $('size').value = 'image';
   onSizeChange();
@@ -399,7 +402,7 @@ async function generate(event) {
 
   // the preview is 1/8 of the image: show it at the size the image will have
   const size = requestedSize();
-  const width = size ? size.width : Math.min(Math.max(state.image.width, 256), 2048);
+  const width = size ? size.width : clampSide(state.image.width);
   $('preview').style.width = `${width}px`;
 
   const controller = new AbortController();

@@ -2,7 +2,9 @@
 
 pub mod health;
 pub mod openai;
+pub mod playground;
 pub mod run;
+pub mod stream;
 
 use crate::error::ApiError;
 

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
 
-use super::run::{check_pixels, execute, read_body};
+use super::run::{check_pixels, encode_png, execute, read_body};
 use crate::error::ApiError;
 use crate::wire::parse_json;
 use crate::AppState;
@@ -118,11 +118,9 @@ pub async fn generations(
         let request =
             sdxl_engine::GenerateRequest::parse(raw, &sdxl_engine::Limits::SERVER).map_err(ApiError::from_engine)?;
         check_pixels(&request, config.max_pixels)?;
+        let parameters = sdxl_engine::png::parameters_text(&request, &config.model_name);
         let done = execute(&state, request).await?;
-        let png = tokio::task::spawn_blocking(move || sdxl_engine::png::encode(&done.image))
-            .await
-            .map_err(|_| ApiError::Internal)?
-            .map_err(ApiError::from_engine)?;
+        let png = encode_png(done.image, parameters).await?;
         data.push(ImageData { b64_json: base64::engine::general_purpose::STANDARD.encode(png) });
     }
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());

@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, Limited};
 use sdxl_engine::queue::Completed;
 use sdxl_engine::{GenerateRequest, Limits, NoiseSource, RawRequest};
+use sdxl_models::pixels::RgbImage;
 
 use crate::error::ApiError;
 use crate::wire::{decode_base64, parse_json, RunRequest};
@@ -54,8 +55,9 @@ async fn run(state: AppState, model: &str, headers: &HeaderMap, body: Body) -> R
     let config = state.config().clone();
     let (request, seed) = state.inner.admission.decode(move || validate_run_body(&body, &config)).await?;
     drop(reservation);
+    let parameters = sdxl_engine::png::parameters_text(&request, &state.config().model_name);
     let done = execute(&state, request).await?;
-    png_response(&done, seed).await
+    png_response(done, &parameters, seed).await
 }
 
 /// Reads the whole body within the shared body-memory budget (see [`crate::admission`]),
@@ -150,18 +152,24 @@ pub async fn execute(state: &AppState, request: GenerateRequest) -> Result<Compl
     ticket.wait().await.map_err(ApiError::from_engine)
 }
 
-/// 200 `image/png` with the seed and timing headers.
-async fn png_response(done: &Completed, seed: u64) -> Result<Response, ApiError> {
-    let image = done.image.clone();
-    let png = tokio::task::spawn_blocking(move || sdxl_engine::png::encode(&image))
+/// The PNG of a generated image, with its generation `parameters` in a text chunk; encoded
+/// on the blocking pool.
+pub async fn encode_png(image: RgbImage, parameters: String) -> Result<Vec<u8>, ApiError> {
+    tokio::task::spawn_blocking(move || sdxl_engine::png::encode_with_parameters(&image, &parameters))
         .await
         .map_err(|_| ApiError::Internal)?
-        .map_err(ApiError::from_engine)?;
+        .map_err(ApiError::from_engine)
+}
+
+/// 200 `image/png` with the seed and timing headers.
+async fn png_response(done: Completed, parameters: &str, seed: u64) -> Result<Response, ApiError> {
+    let (queue_time, inference_time) = (done.queue_time, done.inference_time);
+    let png = encode_png(done.image, parameters.to_string()).await?;
     let mut response = png.into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
     headers.insert("x-seed", HeaderValue::from(seed));
-    headers.insert("x-queue-time-ms", HeaderValue::from(done.queue_time.as_millis() as u64));
-    headers.insert("x-inference-time-ms", HeaderValue::from(done.inference_time.as_millis() as u64));
+    headers.insert("x-queue-time-ms", HeaderValue::from(queue_time.as_millis() as u64));
+    headers.insert("x-inference-time-ms", HeaderValue::from(inference_time.as_millis() as u64));
     Ok(response)
 }
