@@ -5,9 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -x /usr/bin/chromium ] && [ -z "${CHROMIUM:-}" ]; then
+# Debian's Chromium and Node.js, when missing
+packages=()
+[ -x /usr/bin/chromium ] || [ -n "${CHROMIUM:-}" ] || packages+=(chromium)
+command -v npm >/dev/null || packages+=(nodejs npm)
+if [ ${#packages[@]} -gt 0 ]; then
   SUDO=$([ "$(id -u)" -eq 0 ] || echo sudo)
-  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${packages[@]}"
 fi
 (cd browser_tests && npm ci --no-audit --no-fund)
 cargo build --locked -p sdxl-cli

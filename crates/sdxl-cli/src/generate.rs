@@ -1,10 +1,13 @@
 //! `sdxl generate`: one image from the command line.
 
-use std::path::PathBuf;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
 use sdxl_engine::{GenerateRequest, Limits, NoiseSource, RawRequest};
+use sdxl_models::pipeline::{Pipeline, StepProgress};
 
 use crate::model_args::ModelArgs;
 
@@ -56,6 +59,10 @@ pub struct GenerateArgs {
     /// Where to write the PNG.
     #[arg(long)]
     output: PathBuf,
+    /// Write a preview of the latents after each step to DIR/step-NN.png (a linear projection,
+    /// one pixel per 8×8 block; made without the VAE, so it costs next to nothing).
+    #[arg(long, value_name = "DIR")]
+    previews: Option<PathBuf>,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
@@ -79,19 +86,38 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         },
         &Limits::CLI,
     )?;
+    if let Some(dir) = &args.previews {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
     let pipeline = args.model_args.load(&args.model)?;
     // indicatif draws only when stderr is a terminal, so scripts and tests see no bar
     let bar = indicatif::ProgressBar::new(0).with_style(
-        indicatif::ProgressStyle::with_template("{bar:40} step {pos}/{len} {elapsed_precise}")
+        indicatif::ProgressStyle::with_template("{bar:40} step {pos}/{len} {msg} elapsed {elapsed} eta {eta}")
             .expect("progress template is valid"),
     );
+    let start = Instant::now();
+    let mut step_times = Vec::new();
+    let mut preview_error = None;
     let image = sdxl_engine::generate::generate(&pipeline, &request, &mut |progress| {
+        step_times.push(start.elapsed() - step_times.iter().sum::<Duration>());
         bar.set_length(progress.total as u64);
         bar.set_position(progress.step as u64);
-        std::ops::ControlFlow::Continue(())
+        bar.set_message(format!("{:.2} s/step", step_times.last().map_or(0.0, Duration::as_secs_f64)));
+        if let Some(dir) = &args.previews {
+            let written = write_preview(dir, &pipeline, &request, progress);
+            if let Err(e) = written {
+                preview_error = Some(e);
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
     });
     bar.finish_and_clear();
+    if let Some(e) = preview_error {
+        return Err(e);
+    }
     let image = image?;
+    eprintln!("{}", timing_summary(&step_times, start.elapsed()));
     let name = crate::model_args::model_name(&args.model, args.model_args.unet.as_deref());
     let parameters = sdxl_engine::png::parameters_text(&request, &name);
     let png = sdxl_engine::png::encode_with_parameters(&image, &parameters)?;
@@ -100,6 +126,33 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         eprintln!("seed {seed}");
     }
     Ok(())
+}
+
+/// The preview of the latents after `progress.step`, as DIR/step-NN.png.
+fn write_preview(
+    dir: &Path,
+    pipeline: &Pipeline,
+    request: &GenerateRequest,
+    progress: &StepProgress,
+) -> anyhow::Result<()> {
+    let scale = pipeline.vae_scale_factor();
+    let preview = sdxl_engine::preview::latent_preview(progress.latents, scale, request.width, request.height)?;
+    let path = dir.join(format!("step-{:02}.png", progress.step));
+    std::fs::write(&path, sdxl_engine::png::encode(&preview)?)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// `4 steps in 4.52 s (1.05 1.01 0.99 1.00 s/step), decoding 0.47 s`: where the time went.
+fn timing_summary(step_times: &[Duration], total: Duration) -> String {
+    let steps: Duration = step_times.iter().sum();
+    let each: Vec<String> = step_times.iter().map(|t| format!("{:.2}", t.as_secs_f64())).collect();
+    format!(
+        "{} steps in {:.2} s ({} s/step), decoding {:.2} s",
+        step_times.len(),
+        steps.as_secs_f64(),
+        each.join(" "),
+        total.saturating_sub(steps).as_secs_f64()
+    )
 }
 
 fn read_input(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {

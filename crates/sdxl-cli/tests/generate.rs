@@ -246,3 +246,44 @@ fn img2img_and_inpainting_reproduce_diffusers_pixels() {
         }
     }
 }
+
+#[test]
+fn previews_are_written_per_step_and_the_timing_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, previews) = (dir.path().join("out.png"), dir.path().join("previews"));
+    let model = fixtures().join("tiny-sdxl");
+    let output = sdxl(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a cat",
+        "--width",
+        "64",
+        "--height",
+        "40",
+        "--steps",
+        "3",
+        "--seed",
+        "1",
+        "--output",
+        out.to_str().unwrap(),
+        "--previews",
+        previews.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let mut written: Vec<String> =
+        std::fs::read_dir(&previews).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    written.sort();
+    assert_eq!(written, ["step-01.png", "step-02.png", "step-03.png"]);
+    let first = image::open(previews.join("step-01.png")).unwrap();
+    assert_eq!((first.width(), first.height()), (8, 5), "one pixel per 8×8 block");
+    assert_ne!(
+        std::fs::read(previews.join("step-01.png")).unwrap(),
+        std::fs::read(previews.join("step-03.png")).unwrap(),
+        "the latents change between steps"
+    );
+    let timing = stderr.lines().find(|l| l.starts_with("3 steps in ")).unwrap_or_else(|| panic!("{stderr}"));
+    assert!(timing.contains("s/step), decoding "), "{timing}");
+}

@@ -56,8 +56,24 @@ fn a_generated_png_carries_its_parameters_and_inspect_reads_them() {
     let out = dir.path().join("cat.png");
     let model = fixture("tiny-sdxl");
     let args = [
-        "generate", "--model", model.to_str().unwrap(), "--prompt", "a cat in a hat", "--negative-prompt", "blurry",
-        "--width", "64", "--height", "48", "--steps", "2", "--guidance", "3.5", "--seed", "7", "--output",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a cat in a hat",
+        "--negative-prompt",
+        "blurry",
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--steps",
+        "2",
+        "--guidance",
+        "3.5",
+        "--seed",
+        "7",
+        "--output",
         out.to_str().unwrap(),
     ];
     let generated = Command::new(env!("CARGO_BIN_EXE_sdxl")).args(args).output().unwrap();

@@ -129,7 +129,12 @@ pub fn load_with(model: &Path, overrides: &Overrides, dtype: DType, device: &Dev
 
 /// The architecture a diffusers directory describes (SDXL base's when `None`) with made-up
 /// weights (see [`ComponentWeights::random`]), for benchmarks.
-pub fn random(description: Option<&Path>, dtype: DType, weights_dtype: Option<DType>, device: &Device) -> Result<Pipeline> {
+pub fn random(
+    description: Option<&Path>,
+    dtype: DType,
+    weights_dtype: Option<DType>,
+    device: &Device,
+) -> Result<Pipeline> {
     let builtin;
     let dir = match description {
         Some(dir) => dir,

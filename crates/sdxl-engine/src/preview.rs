@@ -9,12 +9,8 @@ use crate::{Error, Result};
 
 /// Latent channel → (R, G, B) weights for SDXL's VAE, fitted by least squares against decoded
 /// images (ComfyUI's published factors). Values land roughly in [-1, 1].
-const SDXL_LATENT_RGB: [[f32; 3]; 4] = [
-    [0.3920, 0.4054, 0.4549],
-    [-0.2634, -0.0196, 0.0653],
-    [0.0568, 0.1687, -0.0755],
-    [-0.3112, -0.2359, -0.2076],
-];
+const SDXL_LATENT_RGB: [[f32; 3]; 4] =
+    [[0.3920, 0.4054, 0.4549], [-0.2634, -0.0196, 0.0653], [0.0568, 0.1687, -0.0755], [-0.3112, -0.2359, -0.2076]];
 
 /// The preview of `latents` (`[1, 4, h, w]`, a grid of `scale`-pixel cells) for an image of
 /// `width × height` pixels: the cells that cover it (the grid may be padded beyond it), each

@@ -40,8 +40,11 @@ use crate::{Error, GenerateRequest, Result};
 pub trait Backend: Send + 'static {
     /// Runs one request; calls `on_step` after each denoising step and stops (returning
     /// `Err(Error::Cancelled)`) when it answers [`ControlFlow::Break`].
-    fn generate(&mut self, request: &GenerateRequest, on_step: &mut dyn FnMut(&Step) -> ControlFlow<()>)
-        -> Result<RgbImage>;
+    fn generate(
+        &mut self,
+        request: &GenerateRequest,
+        on_step: &mut dyn FnMut(&Step) -> ControlFlow<()>,
+    ) -> Result<RgbImage>;
 }
 
 /// A denoising step a [`Backend`] has finished.

@@ -36,9 +36,11 @@ impl Backend for DelayBackend {
             NoiseSource::File(_) => 0,
         };
         // FNV-1a over the prompt and seed, then one byte per pixel channel
-        let mut state = request.prompt.bytes().chain(seed.to_le_bytes()).fold(0xCBF2_9CE4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01B3)
-        });
+        let mut state = request
+            .prompt
+            .bytes()
+            .chain(seed.to_le_bytes())
+            .fold(0xCBF2_9CE4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01B3));
         let pixels = (0..SIDE * SIDE * 3)
             .map(|_| {
                 state ^= state << 13;

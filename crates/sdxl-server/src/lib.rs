@@ -44,15 +44,10 @@ struct Inner {
 impl AppState {
     pub fn new(queue: Queue, config: ServerConfig) -> Self {
         let keys = auth::ApiKeys::new(&config.api_keys);
-        let admission = admission::Admission::new(config.body_memory_budget, config.body_limit, config.concurrent_decodes);
-        let inner = Inner {
-            queue,
-            config,
-            keys,
-            draining: AtomicBool::new(false),
-            metrics: metrics::install(),
-            admission,
-        };
+        let admission =
+            admission::Admission::new(config.body_memory_budget, config.body_limit, config.concurrent_decodes);
+        let inner =
+            Inner { queue, config, keys, draining: AtomicBool::new(false), metrics: metrics::install(), admission };
         Self { inner: Arc::new(inner) }
     }
 

@@ -321,7 +321,10 @@ fn paths(auth: bool) -> utoipa::openapi::Paths {
     let openapi = json_response("This document", ObjectBuilder::new().schema_type(Type::Object));
     let html = ResponseBuilder::new()
         .description("The playground page")
-        .content("text/html", ContentBuilder::new().schema(Some(ObjectBuilder::new().schema_type(Type::String))).build())
+        .content(
+            "text/html",
+            ContentBuilder::new().schema(Some(ObjectBuilder::new().schema_type(Type::String))).build(),
+        )
         .build();
     PathsBuilder::new()
         .path(
@@ -331,7 +334,14 @@ fn paths(auth: bool) -> utoipa::openapi::Paths {
         .path("/ai/run/@cf/bytedance/stable-diffusion-xl-lightning", PathItem::new(HttpMethod::Post, run("run", false)))
         .path("/v1/images/generations", PathItem::new(HttpMethod::Post, images))
         .path("/v1/run/stream", PathItem::new(HttpMethod::Post, stream))
-        .path("/", get("playground", "The playground page (no auth needed; its API calls carry the token)", vec![("200", html)]))
+        .path(
+            "/",
+            get(
+                "playground",
+                "The playground page (no auth needed; its API calls carry the token)",
+                vec![("200", html)],
+            ),
+        )
         .path("/health", get("health", "Liveness", vec![("200", json_response("Alive", status(&["ok"])))]))
         .path(
             "/ready",

@@ -83,7 +83,10 @@ mod tests {
             assert_eq!(ours.dtype(), DType::F32);
             assert_eq!(ours.dims(), param.dims());
             let expected = param.to_dtype(DType::F32).unwrap();
-            assert_eq!(ours.flatten_all().unwrap().to_vec1::<f32>().unwrap(), expected.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            assert_eq!(
+                ours.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                expected.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
         }
     }
 }

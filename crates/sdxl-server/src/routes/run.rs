@@ -72,10 +72,8 @@ pub async fn read_body(
 ) -> Result<(axum::body::Bytes, crate::admission::Reservation), ApiError> {
     let config = state.config();
     let limit = config.body_limit;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     let reservation = state.inner.admission.reserve_body(declared, limit, config.body_read_timeout).await?;
     let collected = tokio::time::timeout(config.body_read_timeout, Limited::new(body, limit).collect())
         .await
