@@ -277,7 +277,21 @@ fn paths(auth: bool) -> utoipa::openapi::Paths {
         )
         .content(
             "text/event-stream",
-            ContentBuilder::new().schema(Some(ObjectBuilder::new().schema_type(Type::String))).build(),
+            // one event: its name and its data, a JSON text
+            ContentBuilder::new()
+                .schema(Some(
+                    ObjectBuilder::new()
+                        .property(
+                            "event",
+                            ObjectBuilder::new()
+                                .schema_type(Type::String)
+                                .enum_values(Some(["queued", "step", "image", "error"])),
+                        )
+                        .required("event")
+                        .property("data", ObjectBuilder::new().schema_type(Type::String))
+                        .required("data"),
+                ))
+                .build(),
         )
         .build();
     let stream = secured(with_errors(
