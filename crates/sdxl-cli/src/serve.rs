@@ -10,6 +10,7 @@ use crate::hub::DownloadOptions;
 use anyhow::Context;
 use clap::Args;
 use sdxl_engine::queue::{PipelineBackend, Queue, QueueConfig};
+use sdxl_server::jobs::runner::{self, RunnerConfig};
 use sdxl_server::{app, AppState, ServerConfig};
 use tokio::sync::Notify;
 
@@ -66,6 +67,21 @@ pub struct ServeArgs {
     /// Seconds a client may take to send its request body.
     #[arg(long, env = "SDXL_BODY_READ_TIMEOUT", default_value_t = 60)]
     body_read_timeout: u64,
+    /// Where the server keeps its files (the default job store, `jobs.db`); default
+    /// $XDG_DATA_HOME/sdxl, else ~/.local/share/sdxl.
+    #[arg(long, env = "SDXL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The durable job store for the asynchronous routes: sqlite://PATH, or postgres://… for
+    /// servers that share one queue. Default: sqlite://DATA_DIR/jobs.db.
+    #[arg(long, env = "SDXL_JOBS", hide_env_values = true)]
+    jobs: Option<String>,
+    /// Seconds a claimed job stays this server's without renewal; a job whose server died is
+    /// run again after it.
+    #[arg(long, env = "SDXL_JOB_LEASE", default_value_t = 30)]
+    job_lease: u64,
+    /// Seconds finished jobs and their images are kept.
+    #[arg(long, env = "SDXL_JOB_TTL", default_value_t = 86_400)]
+    job_ttl: u64,
     /// Serve a model stand-in whose every step sleeps this many milliseconds, and load no
     /// model (load and fault tests; builds with the `test-backend` feature only).
     #[cfg(feature = "test-backend")]
@@ -98,9 +114,52 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         model_name,
         ..ServerConfig::default()
     };
-    let state = AppState::new(queue, config);
+    if args.job_lease < 3 {
+        anyhow::bail!("`--job-lease` must be at least 3 seconds, got {}", args.job_lease);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let jobs_url = match &args.jobs {
+        Some(url) => url.clone(),
+        None => format!("sqlite://{}", data_dir(args.data_dir.as_deref())?.join("jobs.db").display()),
+    };
+    let store = runtime.block_on(sdxl_server::jobs::open(&jobs_url))?;
+    let state = AppState::with_jobs(queue, config, Some(store.clone()));
+    let runner = RunnerConfig {
+        worker: runner::worker_name(),
+        lease: Duration::from_secs(args.job_lease),
+        ttl: Duration::from_secs(args.job_ttl),
+        poll: Duration::from_millis(250),
+    };
+    tracing::info!(store = %redact(&jobs_url), worker = %runner.worker, "job store open");
+    runtime.spawn(runner::run(state.clone(), store, runner));
     runtime.block_on(serve(args, model, state))
+}
+
+/// `--data-dir`, else $XDG_DATA_HOME/sdxl, else ~/.local/share/sdxl.
+fn data_dir(flag: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = flag {
+        return Ok(dir.to_path_buf());
+    }
+    let non_empty = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(data) = non_empty("XDG_DATA_HOME") {
+        return Ok(data.join("sdxl"));
+    }
+    match non_empty("HOME") {
+        Some(home) => Ok(home.join(".local/share/sdxl")),
+        None => anyhow::bail!("no data directory: set --data-dir (or SDXL_DATA_DIR, XDG_DATA_HOME or HOME)"),
+    }
+}
+
+/// A database URL without its password, for the log.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            let user = credentials.split(':').next().unwrap_or_default();
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// Loads the model (downloading SDXL-Lightning first without `--model`) and starts its

@@ -20,6 +20,12 @@ pub enum ApiError {
     /// No route matches.
     #[error("no route for that URI")]
     NotFound,
+    /// No stored job has that id (never submitted, or deleted after its TTL).
+    #[error("no job with id {0:?}")]
+    UnknownJob(String),
+    /// The job has no image yet.
+    #[error("job {0:?} is {1}; its image is not ready")]
+    NotReady(String, &'static str),
     /// The route exists, but not for this method (the `Allow` header lists the methods).
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -48,6 +54,8 @@ impl ApiError {
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, 10000),
             ApiError::UnknownModel(_) => (StatusCode::BAD_REQUEST, 5007),
             ApiError::NotFound => (StatusCode::NOT_FOUND, 7003),
+            ApiError::UnknownJob(_) => (StatusCode::NOT_FOUND, 7003),
+            ApiError::NotReady(..) => (StatusCode::CONFLICT, 3041),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, 10405),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, 3006),
             ApiError::QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, 3040),

@@ -6,6 +6,7 @@ mod admission;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod jobs;
 mod listener;
 pub mod metrics;
 pub mod openapi;
@@ -39,15 +40,23 @@ struct Inner {
     draining: AtomicBool,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     admission: admission::Admission,
+    /// The durable job store, when the job routes are on.
+    jobs: Option<Arc<dyn jobs::JobStore>>,
 }
 
 impl AppState {
     pub fn new(queue: Queue, config: ServerConfig) -> Self {
+        Self::with_jobs(queue, config, None)
+    }
+
+    /// With the asynchronous job routes served from `jobs` (run the
+    /// [`jobs::runner`] beside it to execute the stored jobs).
+    pub fn with_jobs(queue: Queue, config: ServerConfig, jobs: Option<Arc<dyn jobs::JobStore>>) -> Self {
         let keys = auth::ApiKeys::new(&config.api_keys);
         let admission =
             admission::Admission::new(config.body_memory_budget, config.body_limit, config.concurrent_decodes);
-        let inner =
-            Inner { queue, config, keys, draining: AtomicBool::new(false), metrics: metrics::install(), admission };
+        let draining = AtomicBool::new(false);
+        let inner = Inner { queue, config, keys, draining, metrics: metrics::install(), admission, jobs };
         Self { inner: Arc::new(inner) }
     }
 
@@ -70,7 +79,8 @@ impl AppState {
         self.inner.queue.shutdown();
     }
 
-    fn draining(&self) -> bool {
+    /// Whether [`AppState::start_draining`] was called.
+    pub fn draining(&self) -> bool {
         self.inner.draining.load(Ordering::SeqCst)
     }
 }
@@ -82,6 +92,9 @@ pub fn app(state: AppState) -> Router {
         .route("/ai/run/{*model}", post(routes::run::short_route))
         .route("/v1/images/generations", post(routes::openai::generations))
         .route("/v1/run/stream", post(routes::stream::stream))
+        .route("/v1/jobs", post(routes::jobs::submit))
+        .route("/v1/jobs/{id}", get(routes::jobs::status).delete(routes::jobs::cancel))
+        .route("/v1/jobs/{id}/image", get(routes::jobs::image))
         .route("/", get(routes::playground::page))
         .route("/playground/app.js", get(routes::playground::script))
         .route("/playground/style.css", get(routes::playground::style))

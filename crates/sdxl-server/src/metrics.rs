@@ -12,6 +12,10 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 /// Responses by HTTP status.
 pub const REQUESTS_TOTAL: &str = "sdxl_requests_total";
 
+/// Stored asynchronous jobs waiting to be claimed: the shared store's backlog, the same on
+/// every server that uses it (scale a fleet on it).
+pub const JOBS_QUEUED: &str = "sdxl_jobs_queued";
+
 /// The process-wide Prometheus recorder; later calls return the same handle.
 pub fn install() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -23,6 +27,7 @@ pub fn install() -> PrometheusHandle {
             // this one renders nothing, which is better than failing to start.
             if metrics::set_global_recorder(recorder).is_ok() {
                 sdxl_engine::metric_names::describe();
+                metrics::describe_gauge!(JOBS_QUEUED, metrics::Unit::Count, "Stored jobs waiting to be claimed.");
             }
             handle
         })

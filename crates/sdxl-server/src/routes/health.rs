@@ -28,6 +28,12 @@ pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
 
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     metrics::gauge!(sdxl_engine::metric_names::QUEUE_DEPTH).set(state.queue().waiting() as f64);
+    if let Some(store) = &state.inner.jobs {
+        match store.queued().await {
+            Ok(queued) => metrics::gauge!(crate::metrics::JOBS_QUEUED).set(queued as f64),
+            Err(e) => tracing::warn!(error = %e, "cannot count the stored jobs"),
+        }
+    }
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.inner.metrics.render())
 }
 

@@ -1,6 +1,7 @@
 //! One module per endpoint.
 
 pub mod health;
+pub mod jobs;
 pub mod openai;
 pub mod playground;
 pub mod run;

@@ -5,15 +5,18 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
+use axum::Json;
 use http_body_util::{BodyExt, Limited};
 use sdxl_engine::queue::Completed;
 use sdxl_engine::{GenerateRequest, Limits, NoiseSource, RawRequest};
 use sdxl_models::pixels::RgbImage;
 
+use super::jobs;
 use crate::error::ApiError;
+use crate::jobs::StoredRequest;
 use crate::wire::{decode_base64, parse_json, RunRequest};
 use crate::{AppState, ServerConfig, MODEL_ID};
 
@@ -21,22 +24,29 @@ use crate::{AppState, ServerConfig, MODEL_ID};
 pub async fn account_route(
     State(state): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let Path((_account_id, model)) = path.map_err(bad_path)?;
-    run(state, &model, &headers, body).await
+    run(state, &model, query.as_deref(), &headers, body).await
 }
 
 /// The short route without an account.
 pub async fn short_route(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let Path(model) = path.map_err(bad_path)?;
-    run(state, &model, &headers, body).await
+    run(state, &model, query.as_deref(), &headers, body).await
+}
+
+/// Whether the query asks for Workers AI's asynchronous mode (`?queueRequest=true`).
+fn queue_request(query: Option<&str>) -> bool {
+    query.is_some_and(|q| q.split('&').any(|pair| pair == "queueRequest=true"))
 }
 
 /// A path segment axum cannot decode (percent-encoded bytes that are not UTF-8): 400 in the
@@ -45,13 +55,26 @@ fn bad_path(rejection: PathRejection) -> ApiError {
     ApiError::BadRequest(format!("invalid URL: {}", rejection.body_text()))
 }
 
-async fn run(state: AppState, model: &str, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn run(
+    state: AppState,
+    model: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     state.inner.keys.check(headers)?;
     let model = model.trim_start_matches('/');
     if model != MODEL_ID {
         return Err(ApiError::UnknownModel(model.to_string()));
     }
+    if queue_request(query) {
+        let id = jobs::submit_body(&state, headers, body).await?;
+        return Ok(Json(jobs::queued_envelope(&id, "queued")).into_response());
+    }
     let (body, reservation) = read_body(&state, headers, body).await?;
+    if let Some(id) = jobs::poll_request(&body) {
+        return jobs::poll(&state, &id).await;
+    }
     let config = state.config().clone();
     let (request, seed) = state.inner.admission.decode(move || validate_run_body(&body, &config)).await?;
     drop(reservation);
@@ -97,6 +120,23 @@ pub fn validate_run_body(body: &[u8], config: &ServerConfig) -> Result<(Generate
 
 /// Wire fields → the engine's validated request, with the defaults in force.
 fn to_request(wire: RunRequest, config: &ServerConfig) -> Result<(GenerateRequest, u64), ApiError> {
+    let (raw, seed) = to_raw(wire, config)?;
+    let request = GenerateRequest::parse(raw, &Limits::SERVER).map_err(ApiError::from_engine)?;
+    check_pixels(&request, config.max_pixels)?;
+    Ok((request, seed))
+}
+
+/// A run route's body → the request a job stores: validated like [`validate_run_body`], with
+/// the defaults applied and the seed drawn.
+pub fn validate_job_body(body: &[u8], config: &ServerConfig) -> Result<StoredRequest, ApiError> {
+    let (raw, seed) = to_raw(parse_json(body)?, config)?;
+    let request = GenerateRequest::parse(raw.clone(), &Limits::SERVER).map_err(ApiError::from_engine)?;
+    check_pixels(&request, config.max_pixels)?;
+    Ok(StoredRequest::new(&raw, seed))
+}
+
+/// Wire fields → the engine's raw request and its seed, with the defaults in force.
+fn to_raw(wire: RunRequest, config: &ServerConfig) -> Result<(RawRequest, u64), ApiError> {
     if wire.prompt.is_empty() {
         return Err(ApiError::BadRequest("`prompt` must be at least 1 character long".into()));
     }
@@ -126,9 +166,7 @@ fn to_request(wire: RunRequest, config: &ServerConfig) -> Result<(GenerateReques
         mask: wire.mask.map(|m| m.0),
         strength: wire.strength,
     };
-    let request = GenerateRequest::parse(raw, &Limits::SERVER).map_err(ApiError::from_engine)?;
-    check_pixels(&request, config.max_pixels)?;
-    Ok((request, seed))
+    Ok((raw, seed))
 }
 
 /// `--max-pixels`: the operator's cap on `width × height`.

@@ -1,0 +1,132 @@
+//! The loop that takes stored jobs to this server's model: when the model's queue is idle it
+//! claims the oldest stored job, runs it through the same queue as the synchronous routes
+//! (which therefore never wait behind more than one stored job), renews the lease every
+//! second with the progress, and stores the PNG. It also deletes results older than the TTL.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sdxl_engine::{Event, GenerateRequest, Limits, Update};
+
+use super::{now_ms, Claimed, JobError, JobStore, Outcome, StoreError};
+use crate::error::ApiError;
+use crate::routes::run::{check_pixels, encode_png};
+use crate::AppState;
+
+/// How the runner behaves.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// This server's name in the store's `worker` column.
+    pub worker: String,
+    /// How long a claim lasts without renewal; a job whose worker died runs again after it.
+    pub lease: Duration,
+    /// How long finished jobs (and their images) are kept.
+    pub ttl: Duration,
+    /// How often an idle runner looks for work.
+    pub poll: Duration,
+}
+
+/// A worker name unique to this process: host, process id and a random suffix.
+pub fn worker_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "sdxl".into());
+    format!("{host}-{}-{}", std::process::id(), &super::new_id()[..8])
+}
+
+/// Runs until the server drains.
+pub async fn run(state: AppState, store: Arc<dyn JobStore>, config: RunnerConfig) {
+    let mut next_expiry = Instant::now();
+    while !state.draining() {
+        if Instant::now() >= next_expiry {
+            let before = now_ms() - config.ttl.as_millis() as i64;
+            match store.expire(before).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(jobs = n, "deleted finished jobs past their TTL"),
+                Err(e) => tracing::warn!(error = %e, "cannot delete expired jobs"),
+            }
+            next_expiry = Instant::now() + Duration::from_secs(30).min(config.ttl);
+        }
+        if state.queue().busy() || state.queue().waiting() > 0 {
+            tokio::time::sleep(config.poll).await;
+            continue;
+        }
+        let now = now_ms();
+        match store.claim(&config.worker, now, now + config.lease.as_millis() as i64).await {
+            Ok(Some(job)) => {
+                if let Err(e) = run_job(&state, store.as_ref(), &config, job).await {
+                    tracing::warn!(error = %e, "job store failed during a job");
+                    tokio::time::sleep(config.poll).await;
+                }
+            }
+            Ok(None) => tokio::time::sleep(config.poll).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot claim a job");
+                tokio::time::sleep(config.poll).await;
+            }
+        }
+    }
+}
+
+/// Runs one claimed job to its stored end, unless it stops being this worker's job
+/// (cancelled, or its lease lost), which cancels the generation.
+async fn run_job(state: &AppState, store: &dyn JobStore, config: &RunnerConfig, job: Claimed) -> Result<(), StoreError> {
+    let Claimed { id, request } = job;
+    let lease = config.lease.as_millis() as i64;
+    let failed = |e: ApiError| {
+        let (status, code) = e.status_and_code();
+        Outcome::Failed(JobError { status: status.as_u16(), code, message: e.to_string() })
+    };
+    let parsed = request.to_raw().map_err(|e| ApiError::BadRequest(e.0)).and_then(|raw| {
+        let request = GenerateRequest::parse(raw, &Limits::SERVER).map_err(ApiError::from_engine)?;
+        check_pixels(&request, state.config().max_pixels)?;
+        Ok(request)
+    });
+    let request = match parsed {
+        Ok(request) => request,
+        Err(e) => {
+            store.finish(&id, &config.worker, now_ms(), failed(e)).await?;
+            return Ok(());
+        }
+    };
+    tracing::info!(job = %id, "running a stored job");
+    let parameters = sdxl_engine::png::parameters_text(&request, &state.config().model_name);
+    let deadline = Instant::now() + state.config().request_timeout;
+    let mut ticket = match state.queue().submit(request, deadline) {
+        Ok(ticket) => ticket,
+        // draining, or the queue filled since we looked: the lease runs out and the job
+        // goes to another server, or to this one after a restart
+        Err(e) => {
+            tracing::info!(job = %id, error = %e, "cannot run the claimed job now");
+            return Ok(());
+        }
+    };
+    let (mut step, mut total) = (0, 0);
+    let mut renewal = tokio::time::interval(Duration::from_secs(1).min(config.lease / 3));
+    let outcome = loop {
+        tokio::select! {
+            update = ticket.next() => match update {
+                Update::Event(Event::Step { step: done, total: of, .. }) => (step, total) = (done as u64, of as u64),
+                Update::Event(Event::Queued { .. }) => {}
+                Update::Done(Ok(done)) => break match encode_png(done.image, parameters).await {
+                    Ok(png) => Outcome::Done(png),
+                    Err(e) => failed(e),
+                },
+                Update::Done(Err(e)) => break failed(ApiError::from_engine(e)),
+            },
+            _ = renewal.tick() => {
+                if !store.renew(&id, &config.worker, now_ms() + lease, step, total).await? {
+                    tracing::info!(job = %id, "the job was cancelled or taken over; stopping it");
+                    return Ok(()); // dropping the ticket stops the generation
+                }
+            }
+        }
+    };
+    if !store.finish(&id, &config.worker, now_ms(), outcome).await? {
+        tracing::info!(job = %id, "the job was cancelled or taken over before it finished");
+    }
+    Ok(())
+}
