@@ -8,6 +8,7 @@ import contextlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,8 +36,12 @@ class Server:
         self.port = free_port()
         RESULTS.mkdir(parents=True, exist_ok=True)
         self.log_path = RESULTS / f"{name}.log"
+        # a job store of its own: stored jobs must not outlive the test or reach another server
+        self.data_dir = RESULTS / f"{name}-data"
+        shutil.rmtree(self.data_dir, ignore_errors=True)
         args = [
             str(BINARY), "serve", "--host", "127.0.0.1", "--port", str(self.port),
+            "--data-dir", str(self.data_dir),
             "--test-backend-step-ms", str(step_ms), "--queue-capacity", str(queue_capacity),
             *extra,
         ]

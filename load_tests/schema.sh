@@ -37,8 +37,8 @@ WORKERS="${SCHEMA_WORKERS:-2}"
 
 # CHECKS: schemathesis enables all its checks by default; naming them with `--checks` on the
 # command line would override the per-operation setting below, so the config says it all.
-# The one exception: positive_data_acceptance is off for the run routes (the two Workers AI
-# ones and the progress stream, which takes the same body). It
+# The one exception: positive_data_acceptance is off for the routes that take the run body (the
+# two Workers AI ones, the progress stream and job submission). It
 # expects 2xx for every schema-valid body, but there validity also depends on what JSON
 # Schema cannot say: `image`/`mask` must be the bytes of a real PNG/JPEG/WebP (random bytes
 # are not, so 400 is right), not both `image` and `image_b64`, `mask` needs an image of its
@@ -54,7 +54,7 @@ cat >"$CONFIG" <<TOML
 directory = "$OUT/cache"
 
 [[operations]]
-include-operation-id = ["run", "run_account", "run_stream"]
+include-operation-id = ["run", "run_account", "run_stream", "jobs_submit"]
 checks.positive_data_acceptance.enabled = false
 TOML
 
@@ -86,8 +86,11 @@ start_server() {
     local port
     port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')"
     BASE="http://127.0.0.1:$port"
+    # a fresh job store per server, so no stored job outlives its pass
+    local data="$OUT/data-$port"
+    rm -rf "$data"
     "$BIN" serve --test-backend-step-ms 5 --host 127.0.0.1 --port "$port" --queue-capacity 8 \
-        --request-timeout 30 "$@" >"$log" 2>&1 &
+        --request-timeout 30 --data-dir "$data" "$@" >"$log" 2>&1 &
     SERVER_PID=$!
     for _ in $(seq 1 100); do
         if curl -fsS "$BASE/health" >/dev/null 2>&1; then

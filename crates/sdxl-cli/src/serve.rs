@@ -131,8 +131,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         poll: Duration::from_millis(250),
     };
     tracing::info!(store = %redact(&jobs_url), worker = %runner.worker, "job store open");
-    runtime.spawn(runner::run(state.clone(), store, runner));
-    runtime.block_on(serve(args, model, state))
+    let runner = runtime.spawn(runner::run(state.clone(), store, runner));
+    runtime.block_on(serve(args, model, state, runner))
 }
 
 /// `--data-dir`, else $XDG_DATA_HOME/sdxl, else ~/.local/share/sdxl.
@@ -188,7 +188,14 @@ fn start_queue(args: &ServeArgs, config: QueueConfig) -> anyhow::Result<(Queue, 
     Ok((Queue::start(PipelineBackend(pipeline), config), model, name))
 }
 
-async fn serve(args: ServeArgs, model: PathBuf, state: AppState) -> anyhow::Result<()> {
+/// Serves until a signal, then drains: the HTTP server finishes its requests and the job
+/// runner its stored job, within the grace period.
+async fn serve(
+    args: ServeArgs,
+    model: PathBuf,
+    state: AppState,
+    runner: tokio::task::JoinHandle<()>,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
@@ -215,7 +222,12 @@ async fn serve(args: ServeArgs, model: PathBuf, state: AppState) -> anyhow::Resu
         }
     };
     let header_timeout = state.config().header_read_timeout;
-    let server = sdxl_server::serve(listener, app(state), header_timeout, shutdown);
+    let server = async {
+        sdxl_server::serve(listener, app(state), header_timeout, shutdown).await?;
+        // the runner stops once draining, after storing the result of the job it runs
+        runner.await.context("the job runner failed")?;
+        anyhow::Ok(())
+    };
     let grace = Duration::from_secs(args.shutdown_grace);
     tokio::select! {
         result = server => result?,

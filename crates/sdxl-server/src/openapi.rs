@@ -4,6 +4,8 @@
 //! `load_tests/schema.sh` runs schemathesis against this document on a live server, so what
 //! it says is checked against what the server does.
 
+mod jobs;
+
 use sdxl_engine::Limits;
 use serde_json::{json, Value};
 use utoipa::openapi::path::{HttpMethod, Operation, OperationBuilder, ParameterBuilder, ParameterIn, PathsBuilder};
@@ -46,6 +48,8 @@ pub fn document(config: &ServerConfig) -> Document {
     }
     components.schemas.insert("ErrorEnvelope".into(), error_envelope());
     components.schemas.insert("OpenAiError".into(), openai_error());
+    components.schemas.insert("Job".into(), jobs::job_schema());
+    components.schemas.insert("QueuedEnvelope".into(), jobs::queued_schema());
     if auth {
         components
             .security_schemes
@@ -195,6 +199,15 @@ fn with_errors(mut operation: OperationBuilder, error_schema: &str, auth: bool) 
     operation.response("429", queue_full)
 }
 
+/// `operation` behind the bearer token when the server has API keys.
+fn with_security(operation: OperationBuilder, auth: bool) -> OperationBuilder {
+    if auth {
+        operation.security(SecurityRequirement::new(BEARER, Vec::<String>::new()))
+    } else {
+        operation
+    }
+}
+
 fn json_body(schema: &str, example: Value) -> utoipa::openapi::request_body::RequestBody {
     RequestBodyBuilder::new()
         .content(
@@ -207,13 +220,7 @@ fn json_body(schema: &str, example: Value) -> utoipa::openapi::request_body::Req
 
 /// The routes, described by hand: their bodies are the component schemas above.
 fn paths(auth: bool) -> utoipa::openapi::Paths {
-    let secured = |operation: OperationBuilder| {
-        if auth {
-            operation.security(SecurityRequirement::new(BEARER, Vec::<String>::new()))
-        } else {
-            operation
-        }
-    };
+    let secured = |operation: OperationBuilder| with_security(operation, auth);
     let png = {
         let mut png = ResponseBuilder::new()
             .description("The generated image")
@@ -241,7 +248,12 @@ fn paths(auth: bool) -> utoipa::openapi::Paths {
                 "RunRequest",
                 json!({"prompt": "cyberpunk cat", "num_steps": 4, "guidance": 0, "seed": 42}),
             )))
-            .response("200", png.clone());
+            .parameter(jobs::queue_request_parameter())
+            .response("200", jobs::run_answer(&png))
+            .response(
+                "404",
+                json_response("Polling an unknown or expired `request_id` (code 7003)", reference("ErrorEnvelope")),
+            );
         if account {
             operation = operation.parameter(
                 ParameterBuilder::new()
@@ -340,7 +352,7 @@ fn paths(auth: bool) -> utoipa::openapi::Paths {
             ContentBuilder::new().schema(Some(ObjectBuilder::new().schema_type(Type::String))).build(),
         )
         .build();
-    PathsBuilder::new()
+    let paths = PathsBuilder::new()
         .path(
             "/client/v4/accounts/{account_id}/ai/run/@cf/bytedance/stable-diffusion-xl-lightning",
             PathItem::new(HttpMethod::Post, run("run_account", true)),
@@ -369,8 +381,8 @@ fn paths(auth: bool) -> utoipa::openapi::Paths {
             ),
         )
         .path("/metrics", get("metrics", "Prometheus metrics", vec![("200", text)]))
-        .path("/openapi.json", get("openapi", "This OpenAPI document", vec![("200", openapi)]))
-        .build()
+        .path("/openapi.json", get("openapi", "This OpenAPI document", vec![("200", openapi)]));
+    jobs::add_paths(paths, auth, &png).build()
 }
 
 #[cfg(test)]

@@ -60,7 +60,10 @@ async fn a_job_gives_the_run_routes_png_by_either_api() {
     let id = record["id"].as_str().unwrap().to_string();
     assert_eq!((record["status"].as_str(), record["seed"].as_str()), (Some("queued"), Some("9")));
     let done = await_job(&base, &id).await;
-    assert_eq!((done["status"].as_str(), done["step"].as_u64(), done["attempts"].as_u64()), (Some("done"), Some(2), Some(1)));
+    assert_eq!(
+        (done["status"].as_str(), done["step"].as_u64(), done["attempts"].as_u64()),
+        (Some("done"), Some(2), Some(1))
+    );
     let image = reqwest::get(format!("{base}/v1/jobs/{id}/image")).await.unwrap();
     assert_eq!(image.headers()["x-seed"], "9");
     assert_eq!(image.bytes().await.unwrap(), sync, "the job's PNG is the run route's");
@@ -90,7 +93,8 @@ async fn unfinished_unknown_and_cancelled_jobs_answer_clearly() {
 
     let client = reqwest::Client::new();
     for id in [second, first] {
-        let cancelled: Value = client.delete(format!("{base}/v1/jobs/{id}")).send().await.unwrap().json().await.unwrap();
+        let cancelled: Value =
+            client.delete(format!("{base}/v1/jobs/{id}")).send().await.unwrap().json().await.unwrap();
         assert_eq!(cancelled["status"], "cancelled");
         assert_eq!(await_job(&base, id).await["status"], "cancelled");
     }

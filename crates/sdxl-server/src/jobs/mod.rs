@@ -127,8 +127,7 @@ pub trait JobStore: Send + Sync {
     async fn claim(&self, worker: &str, now: i64, lease_until: i64) -> Result<Option<Claimed>, StoreError>;
     /// Extends `worker`'s lease and records its progress; `false` if the job is no longer
     /// `worker`'s to run (cancelled, or claimed by another after the lease ran out).
-    async fn renew(&self, id: &str, worker: &str, lease_until: i64, step: u64, total: u64)
-        -> Result<bool, StoreError>;
+    async fn renew(&self, id: &str, worker: &str, lease_until: i64, step: u64, total: u64) -> Result<bool, StoreError>;
     /// Records how `worker`'s job ended; `false` (nothing stored) if it is no longer its job.
     async fn finish(&self, id: &str, worker: &str, now: i64, outcome: Outcome) -> Result<bool, StoreError>;
     async fn get(&self, id: &str) -> Result<Option<JobRecord>, StoreError>;

@@ -73,7 +73,12 @@ pub async fn run(state: AppState, store: Arc<dyn JobStore>, config: RunnerConfig
 
 /// Runs one claimed job to its stored end, unless it stops being this worker's job
 /// (cancelled, or its lease lost), which cancels the generation.
-async fn run_job(state: &AppState, store: &dyn JobStore, config: &RunnerConfig, job: Claimed) -> Result<(), StoreError> {
+async fn run_job(
+    state: &AppState,
+    store: &dyn JobStore,
+    config: &RunnerConfig,
+    job: Claimed,
+) -> Result<(), StoreError> {
     let Claimed { id, request } = job;
     let lease = config.lease.as_millis() as i64;
     let failed = |e: ApiError| {

@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::Row;
 
-use super::{record_from_row, Cancelled, Claimed, JobRecord, JobStore, Outcome, StoreError, StoredRequest};
 use super::RECORD_COLUMNS;
+use super::{record_from_row, Cancelled, Claimed, JobRecord, JobStore, Outcome, StoreError, StoredRequest};
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS sdxl_jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -93,14 +93,7 @@ impl JobStore for SqliteStore {
         }
     }
 
-    async fn renew(
-        &self,
-        id: &str,
-        worker: &str,
-        lease_until: i64,
-        step: u64,
-        total: u64,
-    ) -> Result<bool, StoreError> {
+    async fn renew(&self, id: &str, worker: &str, lease_until: i64, step: u64, total: u64) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "UPDATE sdxl_jobs SET lease_until = ?1, step = ?2, total = ?3
              WHERE id = ?4 AND worker = ?5 AND status = 'running'",
