@@ -248,7 +248,6 @@ fn paths(auth: bool) -> utoipa::openapi::Paths {
                 "RunRequest",
                 json!({"prompt": "cyberpunk cat", "num_steps": 4, "guidance": 0, "seed": 42}),
             )))
-            .parameter(jobs::queue_request_parameter())
             .response("200", jobs::run_answer(&png))
             .response(
                 "404",
@@ -264,6 +263,7 @@ fn paths(auth: bool) -> utoipa::openapi::Paths {
                     .schema(Some(ObjectBuilder::new().schema_type(Type::String))),
             );
         }
+        operation = operation.parameter(jobs::queue_request_parameter());
         secured(with_errors(operation, "ErrorEnvelope", auth)).build()
     };
     let images = secured(with_errors(
