@@ -182,7 +182,7 @@ class Server:
             raise AssertionError(f"{self.name}: synchronous run answered {response!r}")
         return response.body
 
-    def wait_job(self, job_id, until=lambda job: job["status"] in ("done", "failed", "cancelled"), timeout=120,
+    def wait_job(self, job_id, until=lambda job: job["status"] in ("done", "failed"), timeout=120,
                  interval=0.2, what="finished"):
         """Polls GET /v1/jobs/{id} until `until(job)`; answers the job (raises on timeout)."""
         deadline = time.monotonic() + timeout
@@ -208,7 +208,7 @@ class Server:
                 job = self.job(job_id)
                 if job is None:
                     raise AssertionError(f"{self.name}: job {job_id} vanished (404)")
-                if job["status"] in ("done", "failed", "cancelled"):
+                if job["status"] in ("done", "failed"):
                     finished[job_id] = job
                     pending.remove(job_id)
             if not pending:

@@ -25,7 +25,6 @@ pub enum Status {
     Running,
     Done,
     Failed,
-    Cancelled,
 }
 
 impl Status {
@@ -35,7 +34,6 @@ impl Status {
             Status::Running => "running",
             Status::Done => "done",
             Status::Failed => "failed",
-            Status::Cancelled => "cancelled",
         }
     }
 
@@ -45,14 +43,8 @@ impl Status {
             "running" => Status::Running,
             "done" => Status::Done,
             "failed" => Status::Failed,
-            "cancelled" => Status::Cancelled,
             other => return Err(StoreError(format!("unknown job status {other:?} in the store"))),
         })
-    }
-
-    /// Done, failed or cancelled: nothing will change it any more.
-    pub fn is_final(self) -> bool {
-        matches!(self, Status::Done | Status::Failed | Status::Cancelled)
     }
 }
 
@@ -97,16 +89,6 @@ pub enum Outcome {
     Failed(JobError),
 }
 
-/// What cancelling did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cancelled {
-    /// It was queued or running and is now cancelled.
-    Cancelled,
-    /// It had finished; its record and result are deleted.
-    Deleted,
-    NotFound,
-}
-
 #[derive(Debug, thiserror::Error)]
 #[error("job store: {0}")]
 pub struct StoreError(pub String);
@@ -126,15 +108,16 @@ pub trait JobStore: Send + Sync {
     /// until `lease_until`.
     async fn claim(&self, worker: &str, now: i64, lease_until: i64) -> Result<Option<Claimed>, StoreError>;
     /// Extends `worker`'s lease and records its progress; `false` if the job is no longer
-    /// `worker`'s to run (cancelled, or claimed by another after the lease ran out).
+    /// `worker`'s to run (deleted, or claimed by another after the lease ran out).
     async fn renew(&self, id: &str, worker: &str, lease_until: i64, step: u64, total: u64) -> Result<bool, StoreError>;
     /// Records how `worker`'s job ended; `false` (nothing stored) if it is no longer its job.
     async fn finish(&self, id: &str, worker: &str, now: i64, outcome: Outcome) -> Result<bool, StoreError>;
     async fn get(&self, id: &str) -> Result<Option<JobRecord>, StoreError>;
     /// The PNG of a done job.
     async fn image(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Cancels a queued or running job, or deletes a finished one.
-    async fn cancel(&self, id: &str, now: i64) -> Result<Cancelled, StoreError>;
+    /// Deletes a job and its result; a running job's worker stops at its next renewal.
+    /// Answers the status it had, `None` if there was no such job.
+    async fn delete(&self, id: &str) -> Result<Option<Status>, StoreError>;
     /// Deletes jobs that finished before `before`; answers how many.
     async fn expire(&self, before: i64) -> Result<u64, StoreError>;
     /// Jobs waiting to be claimed.

@@ -9,7 +9,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::Row;
 
 use super::RECORD_COLUMNS;
-use super::{record_from_row, Cancelled, Claimed, JobRecord, JobStore, Outcome, StoreError, StoredRequest};
+use super::{record_from_row, Claimed, JobRecord, JobStore, Outcome, Status, StoreError, StoredRequest};
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS sdxl_jobs (
     seq BIGSERIAL PRIMARY KEY,
@@ -112,7 +112,7 @@ impl JobStore for PostgresStore {
         };
         let done = sqlx::query(
             "UPDATE sdxl_jobs SET status = $1, image = $2, error_status = $3, error_code = $4, error_message = $5,
-                 finished_at = $6, lease_until = NULL, step = CASE WHEN $1::text = 'done' THEN total ELSE step END
+                 finished_at = $6, lease_until = NULL
              WHERE id = $7 AND worker = $8 AND status = 'running'",
         )
         .bind(status)
@@ -156,20 +156,12 @@ impl JobStore for PostgresStore {
         Ok(image.flatten())
     }
 
-    async fn cancel(&self, id: &str, now: i64) -> Result<Cancelled, StoreError> {
-        let cancelled = sqlx::query(
-            "UPDATE sdxl_jobs SET status = 'cancelled', finished_at = $1, lease_until = NULL
-             WHERE id = $2 AND status IN ('queued', 'running')",
-        )
-        .bind(now)
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        if cancelled.rows_affected() == 1 {
-            return Ok(Cancelled::Cancelled);
-        }
-        let deleted = sqlx::query("DELETE FROM sdxl_jobs WHERE id = $1").bind(id).execute(&self.pool).await?;
-        Ok(if deleted.rows_affected() == 1 { Cancelled::Deleted } else { Cancelled::NotFound })
+    async fn delete(&self, id: &str) -> Result<Option<Status>, StoreError> {
+        let status: Option<String> = sqlx::query_scalar("DELETE FROM sdxl_jobs WHERE id = $1 RETURNING status")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        status.as_deref().map(Status::parse).transpose()
     }
 
     async fn expire(&self, before: i64) -> Result<u64, StoreError> {

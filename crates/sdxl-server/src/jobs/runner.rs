@@ -39,17 +39,8 @@ pub fn worker_name() -> String {
 
 /// Runs until the server drains.
 pub async fn run(state: AppState, store: Arc<dyn JobStore>, config: RunnerConfig) {
-    let mut next_expiry = Instant::now();
+    let expiry = tokio::spawn(expire(state.clone(), store.clone(), config.ttl));
     while !state.draining() {
-        if Instant::now() >= next_expiry {
-            let before = now_ms() - config.ttl.as_millis() as i64;
-            match store.expire(before).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(jobs = n, "deleted finished jobs past their TTL"),
-                Err(e) => tracing::warn!(error = %e, "cannot delete expired jobs"),
-            }
-            next_expiry = Instant::now() + Duration::from_secs(30).min(config.ttl);
-        }
         if state.queue().busy() || state.queue().waiting() > 0 {
             tokio::time::sleep(config.poll).await;
             continue;
@@ -67,6 +58,21 @@ pub async fn run(state: AppState, store: Arc<dyn JobStore>, config: RunnerConfig
                 tracing::warn!(error = %e, "cannot claim a job");
                 tokio::time::sleep(config.poll).await;
             }
+        }
+    }
+    expiry.abort();
+}
+
+/// Deletes finished jobs past their TTL, at start and then every min(30 s, TTL), whether or
+/// not a job is running, until the server drains.
+async fn expire(state: AppState, store: Arc<dyn JobStore>, ttl: Duration) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(30).min(ttl).max(Duration::from_millis(100)));
+    while !state.draining() {
+        ticks.tick().await;
+        match store.expire(now_ms() - ttl.as_millis() as i64).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(jobs = n, "deleted finished jobs past their TTL"),
+            Err(e) => tracing::warn!(error = %e, "cannot delete expired jobs"),
         }
     }
 }
@@ -124,14 +130,16 @@ async fn run_job(
             },
             _ = renewal.tick() => {
                 if !store.renew(&id, &config.worker, now_ms() + lease, step, total).await? {
-                    tracing::info!(job = %id, "the job was cancelled or taken over; stopping it");
+                    tracing::info!(job = %id, "the job was deleted or taken over; stopping it");
                     return Ok(()); // dropping the ticket stops the generation
                 }
             }
         }
     };
-    if !store.finish(&id, &config.worker, now_ms(), outcome).await? {
-        tracing::info!(job = %id, "the job was cancelled or taken over before it finished");
+    // the last progress first (renewals come once a second; a short job may have had none)
+    let still_ours = store.renew(&id, &config.worker, now_ms() + lease, step, total).await?;
+    if !still_ours || !store.finish(&id, &config.worker, now_ms(), outcome).await? {
+        tracing::info!(job = %id, "the job was deleted or taken over before it finished");
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::Row;
 
 use super::RECORD_COLUMNS;
-use super::{record_from_row, Cancelled, Claimed, JobRecord, JobStore, Outcome, StoreError, StoredRequest};
+use super::{record_from_row, Claimed, JobRecord, JobStore, Outcome, Status, StoreError, StoredRequest};
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS sdxl_jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -115,7 +115,7 @@ impl JobStore for SqliteStore {
         };
         let done = sqlx::query(
             "UPDATE sdxl_jobs SET status = ?1, image = ?2, error_status = ?3, error_code = ?4, error_message = ?5,
-                 finished_at = ?6, lease_until = NULL, step = CASE WHEN ?1 = 'done' THEN total ELSE step END
+                 finished_at = ?6, lease_until = NULL
              WHERE id = ?7 AND worker = ?8 AND status = 'running'",
         )
         .bind(status)
@@ -159,20 +159,12 @@ impl JobStore for SqliteStore {
         Ok(image.flatten())
     }
 
-    async fn cancel(&self, id: &str, now: i64) -> Result<Cancelled, StoreError> {
-        let cancelled = sqlx::query(
-            "UPDATE sdxl_jobs SET status = 'cancelled', finished_at = ?1, lease_until = NULL
-             WHERE id = ?2 AND status IN ('queued', 'running')",
-        )
-        .bind(now)
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        if cancelled.rows_affected() == 1 {
-            return Ok(Cancelled::Cancelled);
-        }
-        let deleted = sqlx::query("DELETE FROM sdxl_jobs WHERE id = ?1").bind(id).execute(&self.pool).await?;
-        Ok(if deleted.rows_affected() == 1 { Cancelled::Deleted } else { Cancelled::NotFound })
+    async fn delete(&self, id: &str) -> Result<Option<Status>, StoreError> {
+        let status: Option<String> = sqlx::query_scalar("DELETE FROM sdxl_jobs WHERE id = ?1 RETURNING status")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        status.as_deref().map(Status::parse).transpose()
     }
 
     async fn expire(&self, before: i64) -> Result<u64, StoreError> {
@@ -256,19 +248,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn cancelling_stops_the_worker_and_finished_jobs_are_deleted() {
+    async fn deleting_stops_the_worker_and_the_job_is_gone() {
         let (_dir, store) = store().await;
         store.submit("queued", &request("q", 1), 0).await.unwrap();
         store.submit("running", &request("r", 2), 0).await.unwrap();
-        assert_eq!(store.cancel("queued", 5).await.unwrap(), Cancelled::Cancelled);
+        assert_eq!(store.delete("queued").await.unwrap(), Some(Status::Queued));
         let running = store.claim("w", 10, 10_000).await.unwrap().unwrap();
-        assert_eq!(running.id, "running", "a cancelled job is never claimed");
-        assert_eq!(store.cancel("running", 20).await.unwrap(), Cancelled::Cancelled);
+        assert_eq!(running.id, "running", "a deleted job is never claimed");
+        assert_eq!(store.delete("running").await.unwrap(), Some(Status::Running));
         assert!(!store.renew("running", "w", 10_020, 1, 4).await.unwrap(), "the worker hears of it");
-        assert!(store.image("running").await.unwrap().is_none());
-        assert_eq!(store.cancel("running", 30).await.unwrap(), Cancelled::Deleted);
+        assert!(!store.finish("running", "w", 10_030, Outcome::Done(vec![1])).await.unwrap());
         assert!(store.get("running").await.unwrap().is_none());
-        assert_eq!(store.cancel("never", 30).await.unwrap(), Cancelled::NotFound);
+        assert_eq!(store.delete("running").await.unwrap(), None);
     }
 
     #[tokio::test]

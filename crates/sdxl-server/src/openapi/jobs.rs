@@ -26,13 +26,7 @@ pub(super) fn job_schema() -> RefOr<Schema> {
         .required("id")
         .property(
             "status",
-            ObjectBuilder::new().schema_type(Type::String).enum_values(Some([
-                "queued",
-                "running",
-                "done",
-                "failed",
-                "cancelled",
-            ])),
+            ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["queued", "running", "done", "failed"])),
         )
         .required("status")
         .property(
@@ -58,10 +52,7 @@ pub(super) fn job_schema() -> RefOr<Schema> {
 /// queued request, and to a poll of one that has not finished.
 pub(super) fn queued_schema() -> RefOr<Schema> {
     let result = ObjectBuilder::new()
-        .property(
-            "status",
-            ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["queued", "running", "cancelled"])),
-        )
+        .property("status", ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["queued", "running"])))
         .required("status")
         .property("request_id", ObjectBuilder::new().schema_type(Type::String))
         .required("request_id");
@@ -84,7 +75,8 @@ pub(super) fn queue_request_parameter() -> Parameter {
             "`true`: store the request as a job and answer its `request_id` at once; POST \
              `{\"request_id\"}` to the same route to poll (the PNG once done)",
         ))
-        .schema(Some(ObjectBuilder::new().schema_type(Type::Boolean)))
+        // a string enum rather than a boolean: what the server reads is the text
+        .schema(Some(ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["true", "false"]))))
         .build()
 }
 
@@ -130,30 +122,27 @@ pub(super) fn add_paths(paths: PathsBuilder, auth: bool, png: &Response) -> Path
     .build();
     let status = reading(OperationBuilder::new().operation_id(Some("jobs_get")).response("200", job()));
     let cancel = reading(
-        OperationBuilder::new()
-            .operation_id(Some("jobs_cancel"))
-            .summary(Some("Cancel a job, or delete a finished one"))
-            .response(
-                "200",
-                json_response(
-                    "Cancelled (it was queued or running) or deleted (it had finished)",
-                    ObjectBuilder::new()
-                        .property("id", ObjectBuilder::new().schema_type(Type::String))
-                        .required("id")
-                        .property(
-                            "status",
-                            ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["cancelled", "deleted"])),
-                        )
-                        .required("status"),
-                ),
+        OperationBuilder::new().operation_id(Some("jobs_delete")).summary(Some("Cancel and delete a job")).response(
+            "200",
+            json_response(
+                "Gone: `cancelled` if it was queued or running, `deleted` if it had finished",
+                ObjectBuilder::new()
+                    .property("id", ObjectBuilder::new().schema_type(Type::String))
+                    .required("id")
+                    .property(
+                        "status",
+                        ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["cancelled", "deleted"])),
+                    )
+                    .required("status"),
             ),
+        ),
     );
     let image = reading(
         OperationBuilder::new()
             .operation_id(Some("jobs_image"))
             .summary(Some("The PNG of a done job; a failed job's error"))
             .response("200", png.clone())
-            .response("409", error("Not done yet, or cancelled (code 3041)"))
+            .response("409", error("Not done yet (code 3041)"))
             .response("408", error("The job failed: it ran past its deadline (code 3007)"))
             .response("503", error("The job failed: its server shut down (code 3040)")),
     );

@@ -1,7 +1,7 @@
 //! Asynchronous jobs in the durable store (see [`crate::jobs`]):
 //! `POST /v1/jobs` (the run route's body; 202 with the id), `GET /v1/jobs/{id}` (status, queue
 //! position, progress), `GET /v1/jobs/{id}/image` (the PNG once done) and
-//! `DELETE /v1/jobs/{id}` (cancel, or delete a finished job); and, on the Workers AI run route,
+//! `DELETE /v1/jobs/{id}` (cancel and delete); and, on the Workers AI run route,
 //! `?queueRequest=true` to submit and a body of `{"request_id"}` to poll.
 
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use super::run::{read_body, validate_job_body};
 use crate::error::ApiError;
-use crate::jobs::{now_ms, Cancelled, JobError, JobRecord, JobStore, Status, StoreError, StoredRequest};
+use crate::jobs::{now_ms, JobError, JobRecord, JobStore, Status, StoreError, StoredRequest};
 use crate::AppState;
 
 fn store(state: &AppState) -> Result<&Arc<dyn JobStore>, ApiError> {
@@ -83,10 +83,10 @@ pub async fn cancel(
 ) -> Result<Json<Value>, ApiError> {
     state.inner.keys.check(&headers)?;
     let id = job_id(path)?;
-    let status = match store(&state)?.cancel(&id, now_ms()).await.map_err(store_error)? {
-        Cancelled::Cancelled => "cancelled",
-        Cancelled::Deleted => "deleted",
-        Cancelled::NotFound => return Err(ApiError::UnknownJob(id)),
+    let status = match store(&state)?.delete(&id).await.map_err(store_error)? {
+        Some(Status::Queued | Status::Running) => "cancelled",
+        Some(Status::Done | Status::Failed) => "deleted",
+        None => return Err(ApiError::UnknownJob(id)),
     };
     Ok(Json(json!({ "id": id, "status": status })))
 }
@@ -97,7 +97,7 @@ pub async fn poll(state: &AppState, id: &str) -> Result<Response, ApiError> {
     let record = store(state)?.get(id).await.map_err(store_error)?.ok_or_else(|| ApiError::UnknownJob(id.into()))?;
     match record.status {
         Status::Done | Status::Failed => finished_image(state, &record).await,
-        Status::Queued | Status::Running | Status::Cancelled => {
+        Status::Queued | Status::Running => {
             Ok(Json(queued_envelope(&record.id, record.status.as_str())).into_response())
         }
     }

@@ -44,9 +44,23 @@ pub async fn short_route(
     run(state, &model, query.as_deref(), &headers, body).await
 }
 
-/// Whether the query asks for Workers AI's asynchronous mode (`?queueRequest=true`).
-fn queue_request(query: Option<&str>) -> bool {
-    query.is_some_and(|q| q.split('&').any(|pair| pair == "queueRequest=true"))
+/// Whether the query asks for Workers AI's asynchronous mode: `?queueRequest=true` (or
+/// `false`; any other value is refused). Other query parameters are ignored.
+fn queue_request(query: Option<&str>) -> Result<bool, ApiError> {
+    let mut queued = false;
+    for pair in query.unwrap_or_default().split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key == "queueRequest" {
+            queued = match value {
+                "true" => true,
+                "false" => false,
+                other => {
+                    return Err(ApiError::BadRequest(format!("`queueRequest` must be true or false, got {other:?}")))
+                }
+            };
+        }
+    }
+    Ok(queued)
 }
 
 /// A path segment axum cannot decode (percent-encoded bytes that are not UTF-8): 400 in the
@@ -67,7 +81,7 @@ async fn run(
     if model != MODEL_ID {
         return Err(ApiError::UnknownModel(model.to_string()));
     }
-    if queue_request(query) {
+    if queue_request(query)? {
         let id = jobs::submit_body(&state, headers, body).await?;
         return Ok(Json(jobs::queued_envelope(&id, "queued")).into_response());
     }
@@ -208,4 +222,19 @@ async fn png_response(done: Completed, parameters: &str, seed: u64) -> Result<Re
     headers.insert("x-queue-time-ms", HeaderValue::from(queue_time.as_millis() as u64));
     headers.insert("x-inference-time-ms", HeaderValue::from(inference_time.as_millis() as u64));
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_request_is_true_or_false() {
+        assert!(!queue_request(None).unwrap());
+        assert!(queue_request(Some("queueRequest=true")).unwrap());
+        assert!(!queue_request(Some("other=1&queueRequest=false")).unwrap());
+        for bad in ["queueRequest=null", "queueRequest=1", "queueRequest", "queueRequest=true&queueRequest=x"] {
+            assert!(queue_request(Some(bad)).is_err(), "{bad}");
+        }
+    }
 }
