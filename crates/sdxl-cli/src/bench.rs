@@ -3,6 +3,7 @@
 use clap::{Args, ValueEnum};
 use sdxl_engine::bench::{measure, random_sdxl, Component, Measurement};
 
+use crate::device::{self, DeviceArg};
 use crate::model_args::Dtype;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
@@ -45,9 +46,14 @@ pub struct BenchArgs {
     /// Untimed runs before the timed ones (0 for sizes where one run takes many minutes).
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    /// Compute dtype of the UNet and text encoders (the VAE always runs in f32).
-    #[arg(long, value_enum, default_value = "f32")]
-    dtype: Dtype,
+    /// Where to run: cpu, cuda, cuda:N, or auto (a GPU where this build has CUDA support and
+    /// one answers, else the CPU).
+    #[arg(long, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+    /// Compute dtype of the UNet and text encoders (default: f32 on the CPU, f16 on a GPU; the
+    /// VAE always runs in f32).
+    #[arg(long, value_enum)]
+    dtype: Option<Dtype>,
     /// Keep the weight matrices in this dtype while computing in --dtype (f16 or bf16 with
     /// f32 compute: half the memory).
     #[arg(long, value_enum)]
@@ -73,14 +79,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     components.dedup();
     let explicit_resolutions = !args.resolutions.is_empty();
     let resolutions = if explicit_resolutions { args.resolutions.clone() } else { vec![512, 1024] };
-    let device = candle_core::Device::Cpu;
+    let device = args.device.open()?;
+    let dtype = args.dtype.map_or_else(|| device::default_dtype(&device), Into::into);
     let started = std::time::Instant::now();
-    let pipeline = random_sdxl(args.config.as_deref(), args.dtype.into(), args.weights_dtype.map(Into::into), &device)?;
+    let pipeline = random_sdxl(args.config.as_deref(), dtype, args.weights_dtype.map(Into::into), &device)?;
     if !args.json {
         println!(
-            "{}, random weights, {:?}{}, built in {:.1} s; {} timed run(s) after {} warm-up run(s)",
+            "{}, random weights, {:?} on {}{}, built in {:.1} s; {} timed run(s) after {} warm-up run(s)",
             args.config.as_ref().map_or("full-size SDXL".to_string(), |d| d.display().to_string()),
-            args.dtype,
+            dtype,
+            sdxl_engine::model::device_name(&device),
             args.weights_dtype.map_or(String::new(), |w| format!(" ({w:?} weights)")),
             started.elapsed().as_secs_f64(),
             args.runs,

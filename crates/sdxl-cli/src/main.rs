@@ -1,6 +1,7 @@
 //! `sdxl`: the command-line front end.
 
 mod bench;
+mod device;
 mod download;
 mod generate;
 mod hub;

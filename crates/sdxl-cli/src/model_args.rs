@@ -2,10 +2,12 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::DType;
+use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 use sdxl_engine::model::Overrides;
 use sdxl_models::lora::{parse_lora_arg, LoraFile};
+
+use crate::device::{self, DeviceArg};
 
 /// Compute dtype of the UNet and text encoders.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -47,9 +49,14 @@ pub struct ModelArgs {
     /// set automatically for ByteDance's 1-step x0 UNet.
     #[arg(long, env = "SDXL_PREDICTION_TYPE")]
     pub prediction_type: Option<String>,
-    /// Compute dtype of the UNet and text encoders (the VAE always decodes in f32).
-    #[arg(long, env = "SDXL_DTYPE", value_enum, default_value = "f32")]
-    pub dtype: Dtype,
+    /// Where the model runs: cpu, cuda, cuda:N, or auto (the first GPU where this build has
+    /// CUDA support and one answers, else the CPU).
+    #[arg(long, env = "SDXL_DEVICE", default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// Compute dtype of the UNet and text encoders (default: f32 on the CPU, f16 on a GPU; the
+    /// VAE always decodes in f32).
+    #[arg(long, env = "SDXL_DTYPE", value_enum)]
+    pub dtype: Option<Dtype>,
     /// Keep the weight matrices in this dtype while computing in --dtype: `--weights-dtype f16`
     /// with f32 compute halves the memory at f32 arithmetic (default: the compute dtype).
     #[arg(long, env = "SDXL_WEIGHTS_DTYPE", value_enum)]
@@ -68,9 +75,22 @@ impl ModelArgs {
         }
     }
 
-    /// Loads the pipeline from `model` with these flags, on the CPU.
+    /// The compute dtype on `device`: --dtype, else the device's default.
+    pub fn dtype_on(&self, device: &Device) -> DType {
+        self.dtype.map_or_else(|| device::default_dtype(device), DType::from)
+    }
+
+    /// Opens --device and loads the pipeline from `model` with these flags onto it.
     pub fn load(&self, model: &Path) -> anyhow::Result<sdxl_models::pipeline::Pipeline> {
-        Ok(sdxl_engine::model::load_with(model, &self.overrides(), self.dtype.into(), &candle_core::Device::Cpu)?)
+        self.load_with(model, &self.overrides())
+    }
+
+    /// [`Self::load`] with `overrides` in place of the flags' own.
+    pub fn load_with(&self, model: &Path, overrides: &Overrides) -> anyhow::Result<sdxl_models::pipeline::Pipeline> {
+        let device = self.device.open()?;
+        let dtype = self.dtype_on(&device);
+        tracing::debug!(device = sdxl_engine::model::device_name(&device), ?dtype, "loading the model");
+        Ok(sdxl_engine::model::load_with(model, overrides, dtype, &device)?)
     }
 }
 

@@ -183,8 +183,13 @@ fn start_queue(args: &ServeArgs, config: QueueConfig) -> anyhow::Result<(Queue, 
     let mut overrides = args.model_args.overrides();
     overrides.unet = overrides.unet.or(downloaded_unet);
     let name = crate::model_args::model_name(&model, overrides.unet.as_deref());
-    let pipeline =
-        sdxl_engine::model::load_with(&model, &overrides, args.model_args.dtype.into(), &candle_core::Device::Cpu)?;
+    let pipeline = args.model_args.load_with(&model, &overrides)?;
+    let device = pipeline.device();
+    tracing::info!(
+        device = sdxl_engine::model::device_name(device),
+        dtype = ?args.model_args.dtype_on(device),
+        "model loaded"
+    );
     Ok((Queue::start(PipelineBackend(pipeline), config), model, name))
 }
 
@@ -203,8 +208,6 @@ async fn serve(
     tracing::info!(
         %address,
         model = %model.display(),
-        dtype = ?args.model_args.dtype,
-        device = "cpu",
         auth = if state.auth_enabled() { "on" } else { "off" },
         "sdxl listening on http://{address}"
     );

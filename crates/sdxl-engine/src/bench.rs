@@ -56,6 +56,8 @@ impl Component {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Measurement {
     pub component: &'static str,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
     /// Square image side in pixels; `None` for the text encoders.
     pub resolution: Option<usize>,
     pub median_s: f64,
@@ -86,7 +88,7 @@ pub fn measure(
     warmups: usize,
     runs: usize,
 ) -> Result<Measurement> {
-    let device = Device::Cpu;
+    let device = pipeline.device().clone();
     let f = pipeline.vae_scale_factor();
     if resolution == 0 || !resolution.is_multiple_of(f) {
         return Err(Error::InvalidRequest(format!("resolution must be a positive multiple of {f}, got {resolution}")));
@@ -139,15 +141,20 @@ pub fn measure(
             })
         }
     };
+    // A GPU runs the queued kernels after the call returns: a run ends when the device is idle.
+    let mut run = || -> Result<()> {
+        work()?;
+        Ok(device.synchronize()?)
+    };
     for _ in 0..warmups {
-        work()?; // first-touch allocations, thread pools
+        run()?; // first-touch allocations, thread pools, kernel loading
     }
     reset_peak_rss();
     flops::take();
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs.max(1) {
         let start = Instant::now();
-        work()?;
+        run()?;
         times.push(start.elapsed().as_secs_f64());
     }
     let flops_per_run = flops::take() as f64 / times.len() as f64;
@@ -155,6 +162,7 @@ pub fn measure(
     let median_s = times[times.len() / 2];
     Ok(Measurement {
         component: component.name(),
+        device: crate::model::device_name(&device),
         resolution: component.has_resolution().then_some(resolution),
         median_s,
         gflops: flops_per_run / median_s / 1e9,

@@ -76,7 +76,15 @@ pub fn generate(
             mask: mask.as_ref(),
         }),
     };
-    let image = pipeline.generate(&generation, &noise, on_step)?;
+    // A GPU runs a step's kernels after the step's call returns; waiting for them before
+    // reporting keeps progress and step times true (and costs little: the next step waits anyway).
+    let device = pipeline.device().clone();
+    let mut on_step = |progress: &StepProgress| {
+        // a failed device fails the next step's kernels too, which reports it
+        let _ = device.synchronize();
+        on_step(progress)
+    };
+    let image = pipeline.generate(&generation, &noise, &mut on_step)?;
     Ok(crop(&image, request.width, request.height))
 }
 

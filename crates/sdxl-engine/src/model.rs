@@ -77,6 +77,15 @@ impl Overrides {
     }
 }
 
+/// A device's name for logs and reports: `cpu` or `cuda:N`.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
 /// Loads the SDXL model in `dir`, running the UNet and text encoders in `dtype` (the VAE
 /// always decodes in f32).
 pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Pipeline> {

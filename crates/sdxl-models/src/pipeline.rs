@@ -98,6 +98,11 @@ impl Pipeline {
         Self { parts, device: device.clone() }
     }
 
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// The loaded components.
     pub fn components(&self) -> &Components {
         &self.parts

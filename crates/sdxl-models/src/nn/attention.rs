@@ -44,6 +44,9 @@ impl Attention {
     /// `x`: [B, N, C]; `context`: [B, M, Cc] or `None` for self-attention. Returns [B, N, C].
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let context = context.unwrap_or(x);
+        if kernels::flash_applies(x, self.head_dim) {
+            return self.forward_flash(x, context);
+        }
         let q = self.split_heads(&self.to_q.forward(x)?)?;
         let k = self.split_heads(&self.to_k.forward(context)?)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
@@ -55,6 +58,20 @@ impl Attention {
         // [B*H,N,Dh] -> [B,N,H*Dh]
         let out = out.reshape((b, h, n, d))?.transpose(1, 2)?.reshape((b, n, h * d))?;
         self.to_out.forward(&out)
+    }
+
+    /// [`Self::forward`] through flash attention, which reads the heads where the projections
+    /// put them.
+    fn forward_flash(&self, x: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        let m = context.dim(1)?;
+        let (h, d) = (self.heads, self.head_dim);
+        flops::add(4 * b * h * n * m * d);
+        let q = self.to_q.forward(x)?.reshape((b, n, h, d))?;
+        let k = self.to_k.forward(context)?.reshape((b, m, h, d))?;
+        let v = self.to_v.forward(context)?.reshape((b, m, h, d))?;
+        let out = kernels::flash_attention(&q, &k, &v, 1.0 / (d as f64).sqrt())?;
+        self.to_out.forward(&out.reshape((b, n, h * d))?)
     }
 
     /// [B,N,H*Dh] -> [B,H,N,Dh]

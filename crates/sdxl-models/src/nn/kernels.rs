@@ -1,6 +1,7 @@
 //! The heavy kernels: matrix products, convolutions and attention. On the CPU in f32, with
-//! the `openblas` feature, they run on OpenBLAS's sgemm ([`super::cpu`]); otherwise, and for
-//! other dtypes and devices, on candle's own ops.
+//! the `openblas` feature, they run on OpenBLAS's sgemm ([`super::cpu`]); on a CUDA device in
+//! f16/bf16, with the `flash-attn` feature, attention runs on flash attention v2; otherwise, and
+//! for other dtypes and devices, on candle's own ops (cuBLAS on a CUDA device).
 
 use candle_core::{DType, Tensor};
 
@@ -39,4 +40,28 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core:
     let scores = (q.matmul(&k.t()?)? * scale)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
     probs.matmul(v)
+}
+
+/// Whether [`flash_attention`] runs for activations like `x` with heads of `head_dim`: f16 or
+/// bf16 on a CUDA device, in a build with the `flash-attn` feature, for the head sizes the
+/// kernels are compiled for.
+pub fn flash_applies(x: &Tensor, head_dim: usize) -> bool {
+    cfg!(feature = "flash-attn")
+        && x.device().is_cuda()
+        && matches!(x.dtype(), DType::F16 | DType::BF16)
+        && head_dim.is_multiple_of(8)
+        && head_dim <= 256
+}
+
+/// `softmax(q · kᵀ · scale) · v` for `q` `[B, N, H, d]` and `k`, `v` `[B, M, H, d]` (the layout
+/// the projections produce, so no transpose is needed), by flash attention v2: `[B, N, H, d]`.
+/// Only where [`flash_applies`].
+#[cfg(feature = "flash-attn")]
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    candle_flash_attn::flash_attn(q, k, v, scale as f32, false)
+}
+
+#[cfg(not(feature = "flash-attn"))]
+pub fn flash_attention(_: &Tensor, _: &Tensor, _: &Tensor, _: f64) -> candle_core::Result<Tensor> {
+    Err(candle_core::Error::Msg("flash attention needs a build with the `flash-attn` feature".into()))
 }
