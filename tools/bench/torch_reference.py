@@ -2,16 +2,23 @@
 taken in one sitting.
 
 Builds the full-size SDXL base architecture from the configs `sdxl` embeds
-(crates/sdxl-engine/assets/sdxl-base) with PyTorch's default random initialisation, float32,
-and times the same work as `sdxl bench`: one warm-up run, then the median of `--runs` runs.
+(crates/sdxl-engine/assets/sdxl-base) with PyTorch's default random initialisation and times
+the same work as `sdxl bench`: `--warmup` untimed runs, then the median of `--runs` runs.
 GFLOP/s come from torch's own FLOP counter (matrix products and convolutions), so both
 columns count the same operations. Peak RSS is the process maximum so far (it cannot be
 reset), so run one component per process for a clean memory figure.
 
+On a GPU (`--device cuda --dtype float16`) the pipeline runs as diffusers users run it in
+fp16: the VAE decodes in float32 (SDXL's VAE config asks for the upcast), and the vae_decode
+and vae_encode components time a float32 VAE, as `sdxl` runs it. Each timed run ends when the
+GPU is idle.
+
     python tools/bench/torch_reference.py --threads 2 --component unet_step --resolution 512 --json
+    python tools/bench/torch_reference.py --device cuda --dtype float16 --component image_4step
 """
 
 import argparse
+import copy
 import json
 import resource
 import statistics
@@ -44,9 +51,9 @@ def tokenizer(folder):
     )
 
 
-def build_pipeline():
+def build_pipeline(device, dtype):
     torch.manual_seed(0)
-    return StableDiffusionXLPipeline(
+    pipe = StableDiffusionXLPipeline(
         vae=AutoencoderKL.from_config(config("vae")),
         text_encoder=CLIPTextModel(CLIPTextConfig(**config("text_encoder"))),
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config("text_encoder_2"))),
@@ -57,10 +64,17 @@ def build_pipeline():
             json.loads((BASE / "scheduler" / "scheduler_config.json").read_text())
         ),
         add_watermarker=False,
-    ).to(torch.float32)
+    )
+    pipe.set_progress_bar_config(disable=True)
+    # the VAE as it decodes: in float32 (for narrower pipelines a copy, so the pipeline's own
+    # upcast logic is untouched)
+    vae32 = pipe.vae if dtype == torch.float32 else copy.deepcopy(pipe.vae).to(torch.float32)
+    vae32.to(device)
+    return pipe.to(device, dtype), vae32
 
 
-def workload(pipe, component, resolution):
+def workload(pipe, vae32, component, resolution):
+    device, dtype = pipe.device, pipe.unet.dtype
     latent_side = resolution // 8
     if component == "text_encoders":
         return lambda: pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False)
@@ -68,18 +82,19 @@ def workload(pipe, component, resolution):
         batch = 2 if component == "unet_step_cfg" else 1
         context, _, pooled, _ = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False)
         context, pooled = context.repeat(batch, 1, 1), pooled.repeat(batch, 1)
-        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch, dtype=torch.float32)
-        sample = torch.randn(batch, 4, latent_side, latent_side)
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch, dtype=dtype,
+                                device=device)
+        sample = torch.randn(batch, 4, latent_side, latent_side, device=device, dtype=dtype)
         return lambda: pipe.unet(
             sample, 999, encoder_hidden_states=context,
             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
         )
     if component == "vae_decode":
-        latents = torch.randn(1, 4, latent_side, latent_side)
-        return lambda: pipe.vae.decode(latents)
+        latents = torch.randn(1, 4, latent_side, latent_side, device=device)
+        return lambda: vae32.decode(latents)
     if component == "vae_encode":
-        image = torch.rand(1, 3, resolution, resolution) * 2 - 1
-        return lambda: pipe.vae.encode(image).latent_dist.mean
+        image = torch.rand(1, 3, resolution, resolution, device=device) * 2 - 1
+        return lambda: vae32.encode(image).latent_dist.mean
     if component == "image_4step":
         return lambda: pipe(
             PROMPT, width=resolution, height=resolution, num_inference_steps=4, guidance_scale=0.0,
@@ -88,23 +103,33 @@ def workload(pipe, component, resolution):
     raise ValueError(component)
 
 
-def measure(pipe, component, resolution, runs):
-    work = workload(pipe, component, resolution)
+def measure(pipe, vae32, component, resolution, runs, warmup):
+    work = workload(pipe, vae32, component, resolution)
+    cuda = pipe.device.type == "cuda"
+
+    def run():
+        work()
+        if cuda:
+            torch.cuda.synchronize()
+
     counter = FlopCounterMode(display=False)
     with torch.inference_mode():
         with counter:
-            work()  # warm-up, counting FLOPs
+            run()  # counting FLOPs (and warming up)
+        for _ in range(warmup - 1):
+            run()
         times = []
         for _ in range(runs):
             start = time.perf_counter()
-            work()
+            run()
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
     flops = counter.get_total_flops()
     return {
         "component": component,
+        "device": str(pipe.device),
         "resolution": resolution if component != "text_encoders" else None,
-        "median_s": round(median, 3),
+        "median_s": round(median, 4),
         "gflops": round(flops / median / 1e9, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3),
         "runs": runs,
@@ -116,21 +141,25 @@ def main():
     parser.add_argument("--component", action="append", choices=COMPONENTS)
     parser.add_argument("--resolution", action="append", type=int)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (at least 1)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     components = args.component or COMPONENTS
     resolutions = args.resolution or [512, 1024]
-    pipe = build_pipeline()
+    pipe, vae32 = build_pipeline(torch.device(args.device), getattr(torch, args.dtype))
     if not args.json:
-        print(f"torch {torch.__version__}, {args.threads} threads, float32, {args.runs} timed run(s) after one warm-up")
+        print(f"torch {torch.__version__}, {args.device}, {args.threads} threads, {args.dtype}, "
+              f"{args.runs} timed run(s) after {max(args.warmup, 1)} warm-up run(s)")
     for component in components:
         sizes = resolutions[:1] if component == "text_encoders" else resolutions
         if component == "image_4step" and not args.resolution:
             sizes = [1024]
         for resolution in sizes:
-            result = measure(pipe, component, resolution, args.runs)
+            result = measure(pipe, vae32, component, resolution, args.runs, max(args.warmup, 1))
             if args.json:
                 print(json.dumps(result), flush=True)
             else:

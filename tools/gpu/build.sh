@@ -3,7 +3,8 @@
 # CUDA compiler, headers and libraries come from NVIDIA's wheels on PyPI, installed into
 # target/cuda-toolkit (nothing is installed system-wide).
 #
-#   tools/gpu/build.sh            release binary → target/gpu/sdxl (stripped, for tools/gpu/check.sh)
+#   tools/gpu/build.sh            release binary → target/gpu/sdxl (stripped) and sdxl.gz, for
+#                                 tools/gpu/check.sh on the GPU machine
 #   tools/gpu/build.sh --check    type-check the CUDA configuration only (what CI runs)
 #
 # Environment:
@@ -81,5 +82,6 @@ cargo build --locked --release --target-dir "$target_dir" -p sdxl-cli --features
 mkdir -p target/gpu
 cp "$target_dir/release/sdxl" target/gpu/sdxl
 strip target/gpu/sdxl
-echo "== target/gpu/sdxl ($(du -h target/gpu/sdxl | cut -f1)); needs at run time:"
+gzip -9 -c target/gpu/sdxl >target/gpu/sdxl.gz
+echo "== target/gpu/sdxl ($(du -h target/gpu/sdxl | cut -f1); sdxl.gz $(du -h target/gpu/sdxl.gz | cut -f1)); needs at run time:"
 ldd target/gpu/sdxl | grep -E "cuda|cublas|curand|nvrtc|cudnn" || true
