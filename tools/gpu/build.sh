@@ -26,6 +26,9 @@ toolkit="$PWD/target/cuda-toolkit"
 cuda_home="$toolkit/python/nvidia/cu13"
 features="${SDXL_CUDA_FEATURES:-cuda}"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
+# candle's kernel build runs nvcc on half the cores unless told otherwise; nothing else is
+# compiling by then
+export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-$(nproc)}"
 
 # Compiler and headers; the libraries only where a binary is linked.
 packages=(

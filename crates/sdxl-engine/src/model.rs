@@ -170,6 +170,12 @@ fn build(
         // candle's CPU backend has no bf16 matrix multiply
         return Err(Error::InvalidRequest("dtype bf16 is not supported on the CPU; use f32 or f16".into()));
     }
+    if device.is_cuda() {
+        // With f16/bf16 compute the f32 VAE's products may use TF32 tensor cores, as PyTorch's
+        // cuDNN convolutions do by default; an f32 computation (the parity mode) stays exact.
+        // (A process-wide switch of candle's; a process holds one model.)
+        candle_core::cuda::set_gemm_reduced_precision_f32(dtype != DType::F32);
+    }
     let narrow = match overrides.weights_dtype {
         Some(stored) if stored == dtype => None,
         Some(DType::F16 | DType::BF16) if dtype == DType::F32 => overrides.weights_dtype,
