@@ -159,8 +159,17 @@ fn noise_of_the_wrong_shape_is_named() {
 
 #[test]
 fn bf16_on_the_cpu_is_refused() {
-    let err = fails(&fixture_model(), &[("--dtype", "bf16")]);
+    let err = fails(&fixture_model(), &[("--dtype", "bf16"), ("--device", "cpu")]);
     assert!(err.contains("dtype bf16 is not supported on the CPU"), "{err}");
+}
+
+#[test]
+fn a_gpu_asked_of_a_cpu_build_is_refused() {
+    if cfg!(feature = "cuda") {
+        return; // this build has CUDA support: whether a GPU answers depends on the machine
+    }
+    let err = fails(&fixture_model(), &[("--device", "cuda:0")]);
+    assert!(err.contains("`--device cuda:0`: this sdxl was built without CUDA support"), "{err}");
 }
 
 /// A PNG header declaring `side × side` RGB pixels, with no pixel data behind it.
