@@ -43,7 +43,7 @@ fi
 stamp="$toolkit/installed-${mode}-$(echo "${packages[*]}" | sha1sum | cut -c1-12)"
 if [[ ! -e "$stamp" ]]; then
     echo "== installing the CUDA toolkit from PyPI into $toolkit"
-    python3 -m pip install --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --only-binary=:all: \
         --upgrade --target "$toolkit/python" "${packages[@]}"
     touch "$stamp"
 fi
@@ -65,16 +65,17 @@ if [[ "$mode" == check ]]; then
 fi
 
 # The driver library (libcuda.so.1) comes with the NVIDIA driver on the machine that runs the
-# binary; to link here, a stub that defines the driver API's names (as the toolkit's own
-# lib/stubs/libcuda.so does) is made from the bindings the binary calls.
+# binary; to link here, a stub that defines the driver API's names is made from the bindings
+# the binary calls. Like the toolkit's own lib/stubs/libcuda.so, every function answers
+# CUDA_ERROR_STUB_LIBRARY (34) should the stub ever be loaded.
 stub="$cuda_home/lib/stubs/libcuda.so"
 if [[ ! -e "$stub" ]]; then
-    cudarc=$(cargo metadata --locked --format-version 1 | python3 -c '
+    cudarc=$(cargo metadata --locked --all-features --format-version 1 | python3 -c '
 import json, sys
 meta = json.load(sys.stdin)
 print(next(p["manifest_path"] for p in meta["packages"] if p["name"] == "cudarc").rsplit("/", 1)[0])')
     mkdir -p "$(dirname "$stub")"
-    grep -oE '^pub unsafe fn cu[A-Za-z0-9_]+' "$cudarc/src/driver/sys/mod.rs" | awk '{print "void " $4 "(void) {}"}' \
+    grep -oE '^pub unsafe fn cu[A-Za-z0-9_]+' "$cudarc/src/driver/sys/mod.rs" | awk '{print $4}' | sort -u | awk '{print "int " $1 "(void) { return 34; }"}' \
         > "$toolkit/libcuda-stub.c"
     cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub" "$toolkit/libcuda-stub.c"
 fi

@@ -52,7 +52,7 @@ impl DeviceArg {
             Self::Cuda(ordinal) => open_cuda(ordinal),
             Self::Auto if !candle_core::utils::cuda_is_available() => Ok(Device::Cpu),
             Self::Auto => open_cuda(0).or_else(|e| {
-                tracing::warn!("--device auto: {e:#}; running on the CPU");
+                tracing::warn!("--device auto: no GPU answered ({e:#}); running on the CPU");
                 Ok(Device::Cpu)
             }),
         }
@@ -66,7 +66,14 @@ fn open_cuda(ordinal: usize) -> anyhow::Result<Device> {
              (build it with tools/gpu/build.sh, or cargo's `cuda` feature)"
         );
     }
-    Device::new_cuda(ordinal).map_err(|e| anyhow::anyhow!("`--device cuda:{ordinal}`: cannot open the GPU: {e}"))
+    Device::new_cuda(ordinal).map_err(|e| {
+        // candle attaches a backtrace to some errors; the message alone is what helps here
+        let e = match e {
+            candle_core::Error::WithBacktrace { inner, .. } => *inner,
+            e => e,
+        };
+        anyhow::anyhow!("`--device cuda:{ordinal}`: cannot open the GPU: {e}")
+    })
 }
 
 /// The compute dtype when none is asked for: f32 on the CPU (where f32 is fastest and exact),

@@ -1,6 +1,5 @@
 //! `sdxl serve`: load the model, start the worker, serve HTTP until SIGTERM or ctrl-c.
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -90,11 +89,7 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    crate::init_logging("info");
     if !(1..=20).contains(&args.default_steps) {
         anyhow::bail!("`--default-steps` must be between 1 and 20, got {}", args.default_steps);
     }
