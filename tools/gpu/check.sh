@@ -14,14 +14,24 @@
 #    first where diffusers is missing);
 # 4. a table of both, last.
 # About 3–5 minutes on an H200. Exits 1 if a parity case fails or the binary cannot run.
+#
+# SDXL_CHECK_DEVICE=cpu SDXL_CHECK_RESOLUTION=256 runs the same steps on the CPU in f32, small,
+# to try the script itself on a machine without a GPU.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 
 results="${1:-${OUT:-target/gpu-check}}"
 mkdir -p "$results"
 python="${PYTHON:-python3}"
+device="${SDXL_CHECK_DEVICE:-cuda}"
+resolution="${SDXL_CHECK_RESOLUTION:-1024}"
 runs=5
 warmup=2
+if [[ "$device" == cpu ]]; then
+    dtype=f32 torch_dtype=float32 parity_dtypes=(f32) runs=1 warmup=1
+else
+    dtype=f16 torch_dtype=float16 parity_dtypes=(f32 f16)
+fi
 
 bin="${SDXL_BIN:-target/gpu/sdxl}"
 if [[ ! -x "$bin" && -e target/gpu/sdxl.gz ]]; then
@@ -45,21 +55,27 @@ if ldd "$bin" | grep -q "not found"; then
     echo "the binary's libraries are missing:"; ldd "$bin" | grep "not found"; exit 1
 fi
 
-gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)
-echo "== $gpu"
-nvidia-smi >"$results/nvidia-smi.txt" 2>&1
+if [[ "$device" == cpu ]]; then
+    machine="CPU: $(nproc) threads"
+else
+    machine=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)
+    nvidia-smi >"$results/nvidia-smi.txt" 2>&1
+fi
+echo "== $machine"
 
 status=0
-for dtype in f32 f16; do
-    echo "== parity, cuda, $dtype"
-    "$python" tools/gpu/parity.py --sdxl "$bin" --device cuda --dtype "$dtype" | tee "$results/parity-$dtype.txt" | tail -1
+for parity_dtype in "${parity_dtypes[@]}"; do
+    echo "== parity, $device, $parity_dtype"
+    "$python" tools/gpu/parity.py --sdxl "$bin" --device "$device" --dtype "$parity_dtype" \
+        | tee "$results/parity-$parity_dtype.txt" | tail -1
     [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
 done
 
-components=(--component image_4step --component unet_step --component vae_decode --resolution 1024)
-echo "== sdxl bench, cuda, f16"
-"$bin" bench --device cuda --dtype f16 "${components[@]}" --runs $runs --warmup $warmup --json \
+components=(--component image_4step --component unet_step --component vae_decode --resolution "$resolution")
+echo "== sdxl bench, $device, $dtype"
+"$bin" bench --device "$device" --dtype "$dtype" "${components[@]}" --runs $runs --warmup $warmup --json \
     | tee "$results/sdxl-bench.jsonl"
+[[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
 
 wheels="${SDXL_WHEELS:-.whl}"
 if ! "$python" -c "import diffusers" 2>/dev/null && ls "$wheels"/*.whl >/dev/null 2>&1; then
@@ -67,17 +83,17 @@ if ! "$python" -c "import diffusers" 2>/dev/null && ls "$wheels"/*.whl >/dev/nul
         "$wheels"/*.whl && export PYTHONPATH="/tmp/sdxl-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 if "$python" -c "import torch, diffusers, transformers" 2>/dev/null; then
-    echo "== diffusers/PyTorch, cuda, float16"
-    "$python" tools/bench/torch_reference.py --device cuda --dtype float16 "${components[@]}" \
+    echo "== diffusers/PyTorch, $device, $torch_dtype"
+    "$python" tools/bench/torch_reference.py --device "$device" --dtype "$torch_dtype" "${components[@]}" \
         --runs $runs --warmup $warmup --threads "$(nproc)" --json | tee "$results/torch-bench.jsonl"
 else
     echo "== diffusers/PyTorch: not installed here, skipped"
 fi
 
-"$python" - "$results" "$gpu" <<'EOF' | tee "$results/summary.txt"
+"$python" - "$results" "$machine" "$dtype" <<'EOF' | tee "$results/summary.txt"
 import json, sys
 from pathlib import Path
-results, gpu = Path(sys.argv[1]), sys.argv[2]
+results, machine, dtype = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 def load(name):
     path = results / name
     if not path.exists():
@@ -85,7 +101,7 @@ def load(name):
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
     return {(m["component"], m["resolution"]): m["median_s"] for m in lines}
 ours, torch = load("sdxl-bench.jsonl"), load("torch-bench.jsonl")
-print(f"\n{gpu}; f16 (VAE in f32), median of the timed runs")
+print(f"\n{machine}; {dtype} (VAE in f32), median of the timed runs")
 print(f"{'component':<13} {'size':>6} {'sdxl s':>9} {'diffusers s':>12} {'diffusers/sdxl':>15}")
 for key, s in ours.items():
     t = torch.get(key)
