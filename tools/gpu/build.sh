@@ -5,7 +5,7 @@
 #
 #   tools/gpu/build.sh            release binary → target/gpu/sdxl (stripped) and sdxl.gz, for
 #                                 tools/gpu/check.sh on the GPU machine
-#   tools/gpu/build.sh --check    type-check the CUDA configuration only (what CI runs)
+#   tools/gpu/build.sh --check    type-check the `cuda` and `cudnn` features only (what CI runs)
 #
 # Environment:
 #   CUDA_COMPUTE_CAP     GPU architecture the kernels are compiled for (default 90: H100/H200;
@@ -24,7 +24,10 @@ mode=build
 
 toolkit="$PWD/target/cuda-toolkit"
 cuda_home="$toolkit/python/nvidia/cu13"
-features="${SDXL_CUDA_FEATURES:-cuda}"
+# (the type-check covers cuDNN's code too: it needs no cuDNN library, only a link would)
+default_features=cuda
+[[ "$mode" == check ]] && default_features="cuda cudnn"
+features="${SDXL_CUDA_FEATURES:-$default_features}"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 # candle's kernel build runs nvcc on half the cores unless told otherwise; nothing else is
 # compiling by then
