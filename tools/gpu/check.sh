@@ -40,8 +40,8 @@ if [[ ! -x "$bin" && -e target/gpu/sdxl.gz ]]; then
 fi
 [[ -x "$bin" ]] || { echo "no binary: run tools/gpu/build.sh first (or set SDXL_BIN)"; exit 1; }
 
-# cuBLAS, cuRAND, NVRTC and the CUDA runtime (CUDA 13): a system toolkit's, or the NVIDIA wheels
-# PyTorch brings.
+# cuBLAS, cuRAND and the CUDA runtime (CUDA 13): a system toolkit's, or the NVIDIA wheels
+# PyTorch brings; the driver's libcuda where container runtimes mount it.
 wheel_libs=$("$python" - <<'EOF' 2>/dev/null
 import glob, os, sys
 dirs = set()
@@ -50,7 +50,7 @@ for root in sys.path:
 print(":".join(sorted(dirs)))
 EOF
 )
-export LD_LIBRARY_PATH="${wheel_libs:+$wheel_libs:}/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+export LD_LIBRARY_PATH="${wheel_libs:+$wheel_libs:}/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
 if ldd "$bin" | grep -q "not found"; then
     echo "the binary's libraries are missing:"; ldd "$bin" | grep "not found"; exit 1
 fi
