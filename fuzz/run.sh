@@ -3,6 +3,8 @@
 # corpus, on the stable toolchain (libFuzzer instrumentation without a sanitizer).
 #
 #   bash fuzz/run.sh [SECONDS [TARGET...]]
+#   bash fuzz/run.sh --build-only    install cargo-fuzz and build the targets, run nothing
+#                                    (CI builds them early, in the background)
 #
 # Exits non-zero if any target crashes (panic, failed assertion, out-of-memory, timeout) and
 # prints where libFuzzer saved the input; replay it with
@@ -11,6 +13,11 @@
 # built from source by libfuzzer-sys).
 set -euo pipefail
 
+build_only=false
+if [ "${1:-}" = --build-only ]; then
+    build_only=true
+    shift
+fi
 seconds="${1:-60}"
 if ! [[ "$seconds" =~ ^[1-9][0-9]*$ ]]; then
     echo "usage: $0 [SECONDS [TARGET...]]  (seconds per target, default 60; all targets by default)" >&2
@@ -44,6 +51,9 @@ cargo metadata --locked --format-version 1 --manifest-path fuzz/Cargo.toml >/dev
 build_start=$SECONDS
 cargo fuzz build --fuzz-dir fuzz --sanitizer none
 echo "== fuzz build took $((SECONDS - build_start)) s"
+if "$build_only"; then
+    exit 0
+fi
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/sdxl-fuzz.XXXXXX")"
 trap 'rm -rf "$work"' EXIT

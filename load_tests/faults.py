@@ -69,7 +69,7 @@ def slow_clients(checks, timeout_s):
         trickling = []
         for _ in range(50):
             s = socket.create_connection(("127.0.0.1", server.port))
-            s.sendall(f"POST {RUN} HTTP/1.1\r\nHost: x\r\n".encode())
+            s.sendall(f"POST {RUN} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode())
             trickling.append(s)
         started = time.monotonic()
         health_ms = []
@@ -100,7 +100,7 @@ def slow_clients(checks, timeout_s):
 
         # a body promised but trickled
         s = socket.create_connection(("127.0.0.1", server.port))
-        s.sendall(f"POST {RUN} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n".encode())
+        s.sendall(f"POST {RUN} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n".encode())
         s.settimeout(0.5)
         started, answer = time.monotonic(), b""
         while time.monotonic() - started < timeout_s + 5:

@@ -39,7 +39,7 @@ def send_raw(port, body, content_type="application/json"):
     """POSTs `body` on a raw socket, tolerating a server that answers and closes before the
     whole body is sent; returns (status, response body)."""
     s = socket.create_connection(("127.0.0.1", port), timeout=120)
-    head = (f"POST {RUN} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+    head = (f"POST {RUN} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
     try:
         s.sendall(head)

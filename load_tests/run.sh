@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Load, fault and hostile-input tests of `sdxl serve` on loopback, against the test backend
+# Load, fault, hostile-input and shared-server tests of `sdxl serve` on loopback, against the test backend
 # (a model stand-in that sleeps per step; see docs/reliability.md). Each script prints one
 # PASS/FAIL line per check and writes its figures to target/load-results/NAME.json.
 #   SOAK_SECONDS  length of the soak (default 600; CI runs a shorter one)
@@ -10,11 +10,22 @@ if ! command -v wrk >/dev/null; then
   SUDO=$([ "$(id -u)" -eq 0 ] || echo sudo)
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk
 fi
-cargo build --release --locked -p sdxl-cli --features test-backend
+# The debug build: its dependencies are optimised as in a release build (Cargo.toml), only
+# this workspace's crates are not, and it shares them with the test build; SDXL_BIN points the
+# scripts at it.
+cargo build --locked -p sdxl-cli --features test-backend
+export SDXL_BIN="${SDXL_BIN:-$PWD/target/debug/sdxl}"
 
 status=0
 for test in overload faults hostile; do
   python3 load_tests/$test.py || status=1
 done
+# the shared-server test drives the real OpenAI and Cloudflare SDKs, pinned, in a venv
+clients=target/clients-venv
+if ! "$clients/bin/python" -c 'import openai, cloudflare' 2>/dev/null; then
+  python3 -m venv "$clients"
+  "$clients/bin/pip" install -q --disable-pip-version-check openai==3.57.0 cloudflare==5.9.0
+fi
+"$clients/bin/python" load_tests/sharing.py || status=1
 python3 load_tests/soak.py --seconds "${SOAK_SECONDS:-600}" || status=1
 exit $status

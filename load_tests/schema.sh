@@ -28,7 +28,7 @@ cd "$ROOT"
 SCHEMATHESIS_VERSION=4.32.5
 VENV="$ROOT/target/schemathesis-venv"
 OUT="$ROOT/target/schemathesis"
-BIN="$ROOT/target/release/sdxl"
+BIN="${SDXL_BIN:-$ROOT/target/debug/sdxl}"
 MAX_EXAMPLES="${SCHEMA_MAX_EXAMPLES:-200}"
 AUTH_MAX_EXAMPLES="${SCHEMA_AUTH_MAX_EXAMPLES:-50}"
 PASS_TIMEOUT="${SCHEMA_PASS_TIMEOUT:-150}"
@@ -68,8 +68,8 @@ if [[ "$installed" != "$SCHEMATHESIS_VERSION" ]]; then
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 
-# 2. the server binary with the model stand-in
-cargo build --release --quiet -p sdxl-cli --features test-backend
+# 2. the server binary with the model stand-in (the debug build, as load_tests/run.sh)
+cargo build --locked --quiet -p sdxl-cli --features test-backend
 
 SERVER_PID=
 stop_server() {

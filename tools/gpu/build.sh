@@ -5,7 +5,10 @@
 #
 #   tools/gpu/build.sh            release binary → target/gpu/sdxl (stripped) and sdxl.gz, for
 #                                 tools/gpu/check.sh on the GPU machine
-#   tools/gpu/build.sh --check    type-check the `cuda` and `cudnn` features only (what CI runs)
+#   tools/gpu/build.sh --check    type-check the `cuda` and `cudnn` features only (what CI runs),
+#                                 in the shared target/ (host build scripts and proc-macros are
+#                                 the CPU build's; the CUDA-feature units hash apart from it)
+#   … --toolkit-only              install that mode's toolkit and stop (CI fetches it early)
 #
 # Environment:
 #   CUDA_COMPUTE_CAP     GPU architecture the kernels are compiled for (default 90: H100/H200;
@@ -20,7 +23,14 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 mode=build
-[[ "${1:-}" == "--check" ]] && mode=check
+toolkit_only=false
+for arg in "$@"; do
+    case "$arg" in
+        --check) mode=check ;;
+        --toolkit-only) toolkit_only=true ;;
+        *) echo "usage: $0 [--check] [--toolkit-only]" >&2; exit 2 ;;
+    esac
+done
 
 toolkit="$PWD/target/cuda-toolkit"
 cuda_home="$toolkit/python/nvidia/cu13"
@@ -50,6 +60,7 @@ if [[ ! -e "$stamp" ]]; then
         --upgrade --target "$toolkit/python" "${packages[@]}"
     touch "$stamp"
 fi
+$toolkit_only && exit 0
 
 export CUDA_HOME="$cuda_home" PATH="$cuda_home/bin:$PATH"
 nvcc --version | tail -2
@@ -63,7 +74,7 @@ done
 target_dir=target/cuda
 if [[ "$mode" == check ]]; then
     echo "== cargo check --features $features"
-    cargo check --locked --target-dir "$target_dir" --workspace --all-targets --features "$features"
+    cargo check --locked --workspace --all-targets --features "$features"
     exit 0
 fi
 

@@ -37,12 +37,28 @@ pub struct ServeArgs {
     /// Port to listen on (0 picks a free one; the start-up line says which).
     #[arg(long, env = "SDXL_PORT", default_value_t = 8080)]
     port: u16,
-    /// Accepted bearer token; repeat for several (SDXL_API_KEYS: comma-separated). None: open.
+    /// Accepted API key, sent as `Authorization: Bearer KEY` or as the password of HTTP Basic
+    /// auth; repeat for several (SDXL_API_KEYS: comma-separated). Each key's stored jobs are
+    /// its own. None: open.
     #[arg(long = "api-key", env = "SDXL_API_KEYS", value_delimiter = ',', hide_env_values = true)]
     api_keys: Vec<String>,
     /// Requests that may wait while one runs; more are refused with 429.
     #[arg(long, env = "SDXL_QUEUE_CAPACITY", default_value_t = 8)]
     queue_capacity: usize,
+    /// Requests one API key may have waiting; more get 429 while other keys are still
+    /// admitted. Default: half the queue capacity, at least 1. (An open server has one client.)
+    #[arg(long, env = "SDXL_QUEUE_PER_KEY", value_name = "N")]
+    queue_per_key: Option<usize>,
+    /// A host name (with or without port) this server answers for besides IP addresses,
+    /// `localhost` and the listen address; repeat for several, `*` for any. Other `Host`s get
+    /// 421, so a web page cannot reach the server by rebinding its DNS name.
+    #[arg(long = "allowed-host", env = "SDXL_ALLOWED_HOSTS", value_delimiter = ',', value_name = "HOST")]
+    allowed_hosts: Vec<String>,
+    /// A browser origin (`https://app.example`) allowed to call the API, with CORS; repeat for
+    /// several. Other origins' requests that change state get 403; the playground (the
+    /// server's own origin) always works.
+    #[arg(long = "cors-origin", env = "SDXL_CORS_ORIGINS", value_delimiter = ',', value_name = "ORIGIN")]
+    cors_origins: Vec<String>,
     /// Seconds a request may spend waiting plus generating before it fails with 408.
     #[arg(long, env = "SDXL_REQUEST_TIMEOUT", default_value_t = 300)]
     request_timeout: u64,
@@ -66,6 +82,19 @@ pub struct ServeArgs {
     /// Seconds a client may take to send its request body.
     #[arg(long, env = "SDXL_BODY_READ_TIMEOUT", default_value_t = 60)]
     body_read_timeout: u64,
+    /// Seconds a connection may stay open with no request in flight (between keep-alive
+    /// requests, HTTP/1 and HTTP/2).
+    #[arg(long, env = "SDXL_IDLE_TIMEOUT", default_value_t = 60)]
+    idle_timeout: u64,
+    /// Seconds a response may wait on a client that reads nothing before the connection is
+    /// closed (a progress stream's job is cancelled with it).
+    #[arg(long, env = "SDXL_WRITE_TIMEOUT", default_value_t = 30)]
+    write_timeout: u64,
+    /// Connections served at once. Default: the soft open-file limit (`ulimit -n`) less
+    /// max(64, limit/8), at least 8. Beyond it 16 more are each served one `/health`,
+    /// `/ready` or `/metrics` request within 2 s (others get 503); more are closed at once.
+    #[arg(long, env = "SDXL_MAX_CONNECTIONS", value_name = "N")]
+    max_connections: Option<usize>,
     /// Where the server keeps its files (the default job store, `jobs.db`); default
     /// $XDG_DATA_HOME/sdxl, else ~/.local/share/sdxl.
     #[arg(long, env = "SDXL_DATA_DIR")]
@@ -96,7 +125,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if !args.default_guidance.is_finite() || !(0.0..=30.0).contains(&args.default_guidance) {
         anyhow::bail!("`--default-guidance` must be between 0 and 30, got {}", args.default_guidance);
     }
-    let queue_config = QueueConfig { capacity: args.queue_capacity };
+    let queue_per_key = args.queue_per_key.unwrap_or((args.queue_capacity / 2).max(1));
+    if queue_per_key == 0 {
+        anyhow::bail!("`--queue-per-key` must be at least 1, got 0");
+    }
+    let queue_config = QueueConfig { capacity: args.queue_capacity, owner_share: queue_per_key };
+    let mut allowed_hosts = args.allowed_hosts.clone();
+    allowed_hosts.push(args.host.clone());
     let (queue, model, model_name) = start_queue(&args, queue_config)?;
     let config = ServerConfig {
         api_keys: args.api_keys.clone(),
@@ -106,9 +141,23 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         request_timeout: Duration::from_secs(args.request_timeout),
         header_read_timeout: Duration::from_secs(args.header_read_timeout),
         body_read_timeout: Duration::from_secs(args.body_read_timeout),
+        idle_timeout: Duration::from_secs(args.idle_timeout),
+        write_timeout: Duration::from_secs(args.write_timeout),
+        max_connections: args.max_connections.unwrap_or_else(sdxl_server::default_max_connections),
         model_name,
+        allowed_hosts,
+        cors_origins: args.cors_origins.clone(),
         ..ServerConfig::default()
     };
+    for (flag, value) in [
+        ("--idle-timeout", args.idle_timeout),
+        ("--write-timeout", args.write_timeout),
+        ("--max-connections", args.max_connections.map_or(1, |n| n as u64)),
+    ] {
+        if value == 0 {
+            anyhow::bail!("`{flag}` must be at least 1, got 0");
+        }
+    }
     if args.job_lease < 3 {
         anyhow::bail!("`--job-lease` must be at least 3 seconds, got {}", args.job_lease);
     }
@@ -219,9 +268,9 @@ async fn serve(
             signalled.notify_one();
         }
     };
-    let header_timeout = state.config().header_read_timeout;
+    let limits = sdxl_server::ConnectionLimits::from(state.config());
     let server = async {
-        sdxl_server::serve(listener, app(state), header_timeout, shutdown).await?;
+        sdxl_server::serve(listener, app(state), limits, shutdown).await?;
         // the runner stops once draining, after storing the result of the job it runs
         runner.await.context("the job runner failed")?;
         anyhow::Ok(())

@@ -21,6 +21,9 @@ pub enum Error {
     /// The queue already holds as many waiting jobs as it may; try again later.
     #[error("the queue is full")]
     QueueFull,
+    /// The job's owner already has `share` jobs waiting, its share of the queue.
+    #[error("this client already has {share} requests waiting, its share of the queue")]
+    ShareFull { share: usize },
     /// The queue has stopped accepting jobs; a job still waiting at shutdown gets this too.
     #[error("the server is shutting down")]
     ShuttingDown,

@@ -18,5 +18,7 @@ pub mod request;
 pub mod test_backend;
 
 pub use error::{Error, Result};
-pub use queue::{Backend, Completed, Event, PipelineBackend, Queue, QueueConfig, Step, Ticket, Update};
+pub use queue::{
+    Backend, Completed, Event, PipelineBackend, Placement, Queue, QueueConfig, Step, Submission, Ticket, Update,
+};
 pub use request::{GenerateRequest, Limits, NoiseSource, RawRequest};

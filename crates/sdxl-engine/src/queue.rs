@@ -10,7 +10,12 @@
 //!
 //! Life of a job:
 //! - `submit` refuses at once with [`Error::QueueFull`] when `capacity` jobs already wait,
-//!   and with [`Error::ShuttingDown`] after [`Queue::shutdown`].
+//!   with [`Error::ShareFull`] when the job's owner already has `owner_share` jobs waiting
+//!   (so one client cannot take every slot), and with [`Error::ShuttingDown`] after
+//!   [`Queue::shutdown`].
+//! - A job submitted [`Placement::Ahead`] (the durable job runner's) waits in front of the
+//!   others, at most one such job at a time and outside `capacity`: when stored and
+//!   synchronous work both wait, they alternate.
 //! - Dropping the [`Ticket`] (the client went away) withdraws a waiting job from the queue,
 //!   freeing its slot at once; a running job stops at its next denoising step.
 //! - A job whose deadline passes while it waits is answered [`Error::Timeout`] without
@@ -79,6 +84,38 @@ pub struct QueueConfig {
     /// Jobs that may wait; the running job is not counted. With 0, a job is accepted only
     /// when the worker is free.
     pub capacity: usize,
+    /// Jobs one owner may have waiting (see [`Submission::owner`]); jobs without an owner
+    /// are limited by `capacity` only.
+    pub owner_share: usize,
+}
+
+impl QueueConfig {
+    /// `capacity` waiting jobs, with no owner limited below it.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self { capacity, owner_share: capacity }
+    }
+}
+
+/// Where a submitted job waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Placement {
+    /// Behind every waiting job (first come, first served).
+    #[default]
+    Back,
+    /// In front of the waiting jobs: refused with [`Error::QueueFull`] only while another
+    /// job placed ahead still waits, and not counted against the capacity.
+    Ahead,
+}
+
+/// How to queue a request: see [`Queue::submit_with`].
+#[derive(Debug, Clone, Default)]
+pub struct Submission {
+    /// Who the job is for (an opaque name, e.g. a hash of the client's key): their waiting
+    /// jobs count against [`QueueConfig::owner_share`].
+    pub owner: Option<Arc<str>>,
+    /// Whether step events carry previews.
+    pub previews: bool,
+    pub placement: Placement,
 }
 
 /// What a job reports while it waits and runs.
@@ -136,6 +173,7 @@ struct Shared {
     /// Signalled when the worker finishes a job or the waiting list shrinks.
     idle: Condvar,
     capacity: usize,
+    owner_share: usize,
 }
 
 struct State {
@@ -154,6 +192,8 @@ struct Job {
     events: mpsc::UnboundedSender<Event>,
     /// Whether step events carry previews.
     previews: bool,
+    owner: Option<Arc<str>>,
+    placement: Placement,
     /// The queue position last sent, to send only changes.
     position: Option<usize>,
 }
@@ -170,6 +210,7 @@ impl Queue {
             work: Condvar::new(),
             idle: Condvar::new(),
             capacity: config.capacity,
+            owner_share: config.owner_share,
         });
         let worker = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -185,30 +226,54 @@ impl Queue {
     /// [`Error::QueueFull`] when `capacity` jobs already wait, and with
     /// [`Error::ShuttingDown`] after [`Queue::shutdown`].
     pub fn submit(&self, request: GenerateRequest, deadline: Instant) -> Result<Ticket> {
-        self.submit_job(request, deadline, false)
+        self.submit_with(request, deadline, Submission::default())
     }
 
     /// [`Queue::submit`], with a preview of the latents in every [`Event::Step`].
     pub fn submit_with_previews(&self, request: GenerateRequest, deadline: Instant) -> Result<Ticket> {
-        self.submit_job(request, deadline, true)
+        self.submit_with(request, deadline, Submission { previews: true, ..Submission::default() })
     }
 
-    fn submit_job(&self, request: GenerateRequest, deadline: Instant, previews: bool) -> Result<Ticket> {
+    /// [`Queue::submit`] for an owner, with previews or placed ahead as `how` says. Refuses
+    /// with [`Error::ShareFull`] when the owner already has its share of the queue waiting.
+    pub fn submit_with(&self, request: GenerateRequest, deadline: Instant, how: Submission) -> Result<Ticket> {
         let shared = &self.handle.shared;
         let mut state = shared.lock();
         if !state.accepting {
             return Err(Error::ShuttingDown);
         }
         // A free worker takes the next job at once, so it does not count as waiting.
-        if state.waiting.len() >= shared.capacity + usize::from(!state.running) {
-            return Err(Error::QueueFull);
-        }
+        let free_worker = usize::from(!state.running);
+        let position = match how.placement {
+            Placement::Ahead => {
+                let ahead = state.waiting.iter().take_while(|job| job.placement == Placement::Ahead).count();
+                if ahead > 0 {
+                    return Err(Error::QueueFull);
+                }
+                0
+            }
+            Placement::Back => {
+                let counted = state.waiting.iter().filter(|job| job.placement == Placement::Back).count();
+                if counted >= shared.capacity + free_worker {
+                    return Err(Error::QueueFull);
+                }
+                if let Some(owner) = &how.owner {
+                    let theirs = state.waiting.iter().filter(|job| job.owner.as_ref() == Some(owner)).count();
+                    if theirs >= shared.owner_share + free_worker {
+                        return Err(Error::ShareFull { share: shared.owner_share });
+                    }
+                }
+                state.waiting.len()
+            }
+        };
         let id = state.next_id;
         state.next_id += 1;
         let (reply, reply_rx) = oneshot::channel();
         let (events, events_rx) = mpsc::unbounded_channel();
         let submitted = Instant::now();
-        state.waiting.push_back(Job { id, request, deadline, submitted, reply, events, previews, position: None });
+        let Submission { owner, previews, placement } = how;
+        let job = Job { id, request, deadline, submitted, reply, events, previews, owner, placement, position: None };
+        state.waiting.insert(position, job);
         publish_queue(&mut state);
         drop(state);
         shared.work.notify_one();
@@ -547,7 +612,7 @@ mod tests {
             let (started_tx, started) = mpsc::channel();
             let seen = Arc::new(Mutex::new(Seen::default()));
             let fake = Fake { seen: Arc::clone(&seen), permits, started: started_tx };
-            let queue = Queue::start(fake, QueueConfig { capacity });
+            let queue = Queue::start(fake, QueueConfig::with_capacity(capacity));
             Harness { queue, permits: Some(permit_tx), started, seen }
         }
 
@@ -682,6 +747,49 @@ mod tests {
         block_on(a.wait()).unwrap();
         block_on(b.wait()).unwrap();
         assert_eq!(h.started(), ["a", "b"]);
+    }
+
+    #[test]
+    fn one_owner_cannot_take_every_slot() {
+        let (permit_tx, permits) = mpsc::channel();
+        let (started_tx, started) = mpsc::channel();
+        let fake = Fake { seen: Arc::default(), permits, started: started_tx };
+        let queue = Queue::start(fake, QueueConfig { capacity: 4, owner_share: 2 });
+        let as_owner = |prompt: &str, owner: &str| {
+            let how = Submission { owner: Some(owner.into()), ..Submission::default() };
+            queue.submit_with(request(prompt, 1), Instant::now() + PATIENCE, how)
+        };
+        let running = as_owner("a0", "a").unwrap();
+        assert_eq!(started.recv_timeout(PATIENCE).unwrap(), "a0");
+        let mut tickets = vec![running, as_owner("a1", "a").unwrap(), as_owner("a2", "a").unwrap()];
+        assert!(matches!(as_owner("a3", "a"), Err(Error::ShareFull { share: 2 })), "a's share is used");
+        tickets.push(as_owner("b1", "b").expect("another owner still gets a slot"));
+        tickets.push(as_owner("b2", "b").unwrap());
+        assert!(matches!(as_owner("c1", "c"), Err(Error::QueueFull)), "the queue itself is full");
+        drop(permit_tx);
+        for ticket in tickets {
+            block_on(ticket.wait()).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_job_placed_ahead_runs_next_and_only_one_waits_there() {
+        let mut h = Harness::new(2);
+        let a = h.submit("a", 1).unwrap();
+        h.await_start("a");
+        let b = h.submit("b", 1).unwrap();
+        let c = h.submit("c", 1).unwrap();
+        let ahead = Submission { placement: Placement::Ahead, ..Submission::default() };
+        let stored = h.queue.submit_with(request("stored", 1), Instant::now() + PATIENCE, ahead.clone());
+        let stored = stored.expect("outside the capacity, which b and c fill");
+        assert_eq!(h.queue.waiting(), 3);
+        let second = h.queue.submit_with(request("stored2", 1), Instant::now() + PATIENCE, ahead);
+        assert!(matches!(second, Err(Error::QueueFull)), "one job ahead at a time");
+        h.open();
+        for ticket in [a, stored, b, c] {
+            block_on(ticket.wait()).unwrap();
+        }
+        assert_eq!(h.started(), ["a", "stored", "b", "c"]);
     }
 
     #[test]
@@ -870,7 +978,7 @@ mod tests {
         let request = GenerateRequest::parse(raw, &Limits::CLI).unwrap();
         let direct = crate::generate::generate(&load(), &request, &mut |_| ControlFlow::Continue(())).unwrap();
 
-        let queue = Queue::start(PipelineBackend(load()), QueueConfig { capacity: 1 });
+        let queue = Queue::start(PipelineBackend(load()), QueueConfig::with_capacity(1));
         let mut ticket = queue.submit_with_previews(request, Instant::now() + PATIENCE).unwrap();
         let events = await_step(&mut ticket, 2);
         assert_eq!(steps_of(&events), [(1, 2), (2, 2)]);

@@ -1,16 +1,20 @@
 //! What a request may cost before it reaches the queue. Bodies are read within a memory
-//! budget shared by every connection (each reserves twice its declared length, or twice the
-//! body limit when it declares none: the bytes, and what parsing makes of them, at most as
-//! much again), so many large uploads at once wait for each other instead
-//! of exhausting memory; small requests reserve one unit and never wait behind a slow
-//! client. Input images are decoded off the async runtime (decoding a large PNG takes
-//! seconds of CPU, which would stall every connection on that runtime thread, `/health`
-//! included), a few at a time, since each decode may take up to 256 MiB.
+//! budget shared by every connection, reserved as their bytes arrive: a body holds twice what
+//! it has sent so far (the bytes, and what parsing makes of them, at most as much again), so a
+//! client that trickles a large upload holds only what it has actually sent, and a small
+//! request is served at once beside it. When the budget is spent, a body waits for more
+//! until its read deadline, then gets 429. Input images are decoded off the async runtime
+//! (decoding a large PNG takes seconds of CPU, which would stall every connection on that
+//! runtime thread, `/health` included), a few at a time, since each decode may take up to
+//! 256 MiB.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::{Body, Bytes};
+use http_body_util::BodyExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use crate::error::ApiError;
 
@@ -25,12 +29,19 @@ pub struct Admission {
 
 /// Held while a body is read and validated; returns its share of the budget when dropped.
 pub struct Reservation {
-    _body: OwnedSemaphorePermit,
+    body: OwnedSemaphorePermit,
+}
+
+impl Reservation {
+    /// Budget units held.
+    fn units(&self) -> usize {
+        self.body.num_permits()
+    }
 }
 
 impl Admission {
-    /// `body_budget` bytes for bodies being read and parsed at once (at least enough for one),
-    /// `decoders` image decodes at once.
+    /// `body_budget` bytes for bodies being read and parsed at once (at least enough for one
+    /// of `body_limit` bytes), `decoders` image decodes at once.
     pub fn new(body_budget: usize, body_limit: usize, decoders: usize) -> Self {
         let total_units = body_budget.max(2 * body_limit).div_ceil(UNIT).max(1);
         Self {
@@ -40,22 +51,64 @@ impl Admission {
         }
     }
 
-    /// Reserves memory for a body of `declared` bytes (`None`: unknown, so the whole
-    /// `limit`) and its parsed form, waiting at most `patience`; a server too busy to take it
-    /// answers 429.
-    pub async fn reserve_body(
+    /// Reads `body` whole within `timeout`: 413 past `limit` bytes (at once when the declared
+    /// length says so), 408 when it has not all arrived in time, 429 when the budget stays
+    /// spent until then. The reservation comes back with the bytes: keep it while they are
+    /// parsed.
+    pub async fn read_body(
         &self,
+        body: Body,
         declared: Option<usize>,
         limit: usize,
-        patience: Duration,
+        timeout: Duration,
+    ) -> Result<(Bytes, Reservation), ApiError> {
+        if declared.is_some_and(|length| length > limit) {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        let deadline = Instant::now() + timeout;
+        let mut reservation = self.reserve(None, 1, deadline).await?;
+        let mut body = body;
+        let mut bytes = Vec::new();
+        loop {
+            let frame = tokio::time::timeout_at(deadline, body.frame()).await.map_err(|_| ApiError::Timeout)?;
+            let Some(frame) = frame else { break };
+            let frame = frame.map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
+            let Ok(data) = frame.into_data() else { continue }; // trailers
+            let received = bytes.len() + data.len();
+            if received > limit {
+                return Err(ApiError::PayloadTooLarge(limit));
+            }
+            let needed = (2 * received).div_ceil(UNIT).clamp(1, self.total_units);
+            if needed > reservation.units() {
+                reservation = self.reserve(Some(reservation), needed, deadline).await?;
+            }
+            bytes.extend_from_slice(&data);
+        }
+        Ok((Bytes::from(bytes), reservation))
+    }
+
+    /// Grows `held` (or a new reservation) to `units`, waiting at most until `deadline`.
+    async fn reserve(
+        &self,
+        held: Option<Reservation>,
+        units: usize,
+        deadline: Instant,
     ) -> Result<Reservation, ApiError> {
-        let bytes = 2 * declared.unwrap_or(limit).min(limit);
-        let units = bytes.div_ceil(UNIT).clamp(1, self.total_units) as u32;
-        let permit = tokio::time::timeout(patience, self.body_units.clone().acquire_many_owned(units))
-            .await
-            .map_err(|_| ApiError::QueueFull { retry_after_seconds: 5 })?
-            .map_err(|_| ApiError::ShuttingDown)?;
-        Ok(Reservation { _body: permit })
+        let more = (units - held.as_ref().map_or(0, Reservation::units)) as u32;
+        let permit = match self.body_units.clone().try_acquire_many_owned(more) {
+            Ok(permit) => permit,
+            Err(_) => tokio::time::timeout_at(deadline, self.body_units.clone().acquire_many_owned(more))
+                .await
+                .map_err(|_| ApiError::BodiesBusy)?
+                .map_err(|_| ApiError::ShuttingDown)?,
+        };
+        Ok(match held {
+            Some(mut reservation) => {
+                reservation.body.merge(permit);
+                reservation
+            }
+            None => Reservation { body: permit },
+        })
     }
 
     /// Runs `work` (validation that may decode images) on the blocking pool, at most
@@ -78,22 +131,82 @@ impl Admission {
 mod tests {
     use super::*;
 
+    /// A body that sends `first`, then nothing more until `rest` is sent.
+    fn trickled(first: usize) -> (Body, tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.try_send(Ok(Bytes::from(vec![b'x'; first]))).unwrap();
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+        (Body::from_stream(stream), tx)
+    }
+
     #[tokio::test]
-    async fn large_bodies_wait_for_each_other_and_small_ones_do_not() {
-        let admission = Admission::new(20 * UNIT, 8 * UNIT, 1);
-        let patience = Duration::from_millis(50);
-        let big = admission.reserve_body(Some(8 * UNIT), 8 * UNIT, patience).await.unwrap();
-        // a second large body does not fit beside the first: refused after the wait
-        let second = admission.reserve_body(Some(8 * UNIT), 8 * UNIT, patience).await;
-        assert!(matches!(second, Err(ApiError::QueueFull { .. })));
-        // an undeclared length reserves the whole limit
-        assert!(admission.reserve_body(None, 8 * UNIT, patience).await.is_err());
-        // small bodies still fit beside it
-        let small_a = admission.reserve_body(Some(300), 8 * UNIT, patience).await.unwrap();
-        let small_b = admission.reserve_body(Some(0), 8 * UNIT, patience).await.unwrap();
-        drop(big);
-        assert!(admission.reserve_body(Some(8 * UNIT), 8 * UNIT, patience).await.is_ok());
-        drop((small_a, small_b));
+    async fn a_body_holds_what_it_has_sent_and_small_ones_pass_beside_it() {
+        let admission = Arc::new(Admission::new(8 * UNIT, 4 * UNIT, 1));
+        let long = Duration::from_secs(30);
+        // two uploads that declared nothing and sent 1.5 MiB each: 3 units each, not 2 x limit
+        let mut uploads = Vec::new();
+        for _ in 0..2 {
+            let (body, tx) = trickled(3 * UNIT / 2);
+            let admission = admission.clone();
+            uploads.push((tokio::spawn(async move { admission.read_body(body, None, 4 * UNIT, long).await }), tx));
+        }
+        tokio::time::timeout(long, async {
+            while admission.body_units.available_permits() > 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(admission.body_units.available_permits(), 2, "each holds twice what it sent");
+        let started = std::time::Instant::now();
+        let (small, held) = admission.read_body(Body::from("{\"prompt\":\"x\"}"), Some(14), 4 * UNIT, long).await.unwrap();
+        assert_eq!(&small[..], b"{\"prompt\":\"x\"}");
+        assert!(started.elapsed() < Duration::from_secs(1), "not behind the uploads");
+        drop(held);
+        // an upload that needs more than is left waits for it, and gets it once another ends
+        let (first, first_tx) = uploads.remove(0);
+        let (second, second_tx) = uploads.remove(0);
+        first_tx.send(Ok(Bytes::from(vec![b'y'; UNIT]))).await.unwrap();
+        drop(first_tx);
+        drop(second_tx);
+        let (bytes, reservation) = first.await.unwrap().unwrap();
+        assert_eq!(bytes.len(), 5 * UNIT / 2);
+        assert_eq!(reservation.units(), 5);
+        let (_, second_held) = second.await.unwrap().unwrap();
+        assert_eq!(second_held.units(), 3);
+    }
+
+    #[tokio::test]
+    async fn limits_and_deadlines() {
+        let admission = Admission::new(4 * UNIT, 2 * UNIT, 1);
+        let short = Duration::from_millis(100);
+        let too_long = admission.read_body(Body::from(vec![0; 10]), Some(3 * UNIT), 2 * UNIT, short).await;
+        assert!(matches!(too_long, Err(ApiError::PayloadTooLarge(_))), "refused on its declared length");
+        let undeclared = admission.read_body(Body::from(vec![0; 2 * UNIT + 1]), None, 2 * UNIT, short).await;
+        assert!(matches!(undeclared, Err(ApiError::PayloadTooLarge(_))));
+        let (stalled, _tx) = trickled(10);
+        let late = admission.read_body(stalled, None, 2 * UNIT, short).await;
+        assert!(matches!(late, Err(ApiError::Timeout)));
+        // the budget spent by one body: another gets 429 at its deadline
+        let admission = Arc::new(admission);
+        let (held_body, held_tx) = trickled(2 * UNIT - 10);
+        let holder = {
+            let admission = admission.clone();
+            tokio::spawn(async move { admission.read_body(held_body, None, 2 * UNIT, Duration::from_secs(30)).await })
+        };
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while admission.body_units.available_permits() > 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        let busy = admission.read_body(Body::from("{}"), Some(2), 2 * UNIT, short).await;
+        assert!(matches!(busy, Err(ApiError::BodiesBusy)));
+        drop(held_tx);
+        let (_, reservation) = holder.await.unwrap().unwrap();
+        drop(reservation);
+        assert_eq!(admission.body_units.available_permits(), 4, "every unit comes back");
     }
 
     #[tokio::test]

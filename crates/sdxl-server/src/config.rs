@@ -5,7 +5,7 @@ use std::time::Duration;
 /// What `sdxl serve` was started with.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Bearer tokens accepted; empty runs the server open.
+    /// API keys accepted (as bearer tokens or Basic passwords); empty runs the server open.
     pub api_keys: Vec<String>,
     /// `num_steps` when a request gives none (Workers AI: 20).
     pub default_steps: usize,
@@ -25,8 +25,19 @@ pub struct ServerConfig {
     pub concurrent_decodes: usize,
     /// How long a client may take to send its request line and headers.
     pub header_read_timeout: Duration,
+    /// How long a connection may stay open with no request in flight, between requests.
+    pub idle_timeout: Duration,
+    /// How long a write to a client may make no progress before its connection is closed.
+    pub write_timeout: Duration,
+    /// Connections served at once; default [`crate::default_max_connections`], from the
+    /// open-file limit. A few more get only the health checks.
+    pub max_connections: usize,
     /// The model's name in the parameters written into every PNG.
     pub model_name: String,
+    /// Host names accepted in `Host` besides IP addresses and loopback names (`*`: any).
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins allowed to call the API (CORS); the server's own is always allowed.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -42,7 +53,12 @@ impl Default for ServerConfig {
             body_memory_budget: 512 * 1024 * 1024,
             concurrent_decodes: 2,
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(30),
+            max_connections: crate::default_max_connections(),
             model_name: "sdxl".into(),
+            allowed_hosts: Vec::new(),
+            cors_origins: Vec::new(),
         }
     }
 }

@@ -5,11 +5,15 @@
 mod admission;
 pub mod auth;
 pub mod config;
+mod connection;
 pub mod error;
+pub mod generation;
+mod job_api;
 pub mod jobs;
 mod listener;
 pub mod metrics;
 pub mod openapi;
+pub mod origin;
 mod routes;
 pub mod wire;
 
@@ -21,8 +25,9 @@ use axum::Router;
 use sdxl_engine::queue::Queue;
 
 pub use config::ServerConfig;
+pub use connection::{default_max_connections, ConnectionLimits};
 pub use listener::serve;
-pub use routes::run::validate_run_body;
+pub use generation::validate_run_body;
 
 /// The model id this server answers for.
 pub const MODEL_ID: &str = "@cf/bytedance/stable-diffusion-xl-lightning";
@@ -40,6 +45,7 @@ struct Inner {
     draining: AtomicBool,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     admission: admission::Admission,
+    origins: origin::OriginPolicy,
     /// The durable job store, when the job routes are on.
     jobs: Option<Arc<dyn jobs::JobStore>>,
 }
@@ -55,8 +61,10 @@ impl AppState {
         let keys = auth::ApiKeys::new(&config.api_keys);
         let admission =
             admission::Admission::new(config.body_memory_budget, config.body_limit, config.concurrent_decodes);
+        let origins = origin::OriginPolicy::new(&config.allowed_hosts, &config.cors_origins);
         let draining = AtomicBool::new(false);
-        let inner = Inner { queue, config, keys, draining, metrics: metrics::install(), admission, jobs };
+        let metrics = metrics::install();
+        let inner = Inner { queue, config, keys, draining, metrics, admission, origins, jobs };
         Self { inner: Arc::new(inner) }
     }
 
@@ -68,7 +76,7 @@ impl AppState {
         &self.inner.config
     }
 
-    /// Whether requests must carry a bearer token.
+    /// Whether requests must carry an API key.
     pub fn auth_enabled(&self) -> bool {
         self.inner.keys.enabled()
     }
@@ -86,8 +94,12 @@ impl AppState {
 }
 
 /// The router with every route; tests drive it without opening a port.
+///
+/// Layers, outermost first: the request counter, the browser-origin guard (every route), CORS
+/// for the allowed origins, then the API-key check over the protected routes only (health,
+/// readiness, metrics, the OpenAPI document and the playground stay open).
 pub fn app(state: AppState) -> Router {
-    Router::new()
+    let protected = Router::new()
         .route("/client/v4/accounts/{account_id}/ai/run/{*model}", post(routes::run::account_route))
         .route("/ai/run/{*model}", post(routes::run::short_route))
         .route("/v1/images/generations", post(routes::openai::generations))
@@ -95,15 +107,24 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/jobs", post(routes::jobs::submit))
         .route("/v1/jobs/{id}", get(routes::jobs::status).delete(routes::jobs::cancel))
         .route("/v1/jobs/{id}/image", get(routes::jobs::image))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key));
+    let open = Router::new()
         .route("/", get(routes::playground::page))
         .route("/playground/app.js", get(routes::playground::script))
         .route("/playground/style.css", get(routes::playground::style))
         .route("/health", get(routes::health::health))
         .route("/ready", get(routes::health::ready))
         .route("/metrics", get(routes::health::metrics))
-        .route("/openapi.json", get(routes::health::openapi))
+        .route("/openapi.json", get(routes::health::openapi));
+    let mut router = protected
+        .merge(open)
         .fallback(routes::not_found)
-        .method_not_allowed_fallback(routes::method_not_allowed)
+        .method_not_allowed_fallback(routes::method_not_allowed);
+    if let Some(cors) = origin::cors_layer(&state.config().cors_origins) {
+        router = router.layer(cors);
+    }
+    router
+        .layer(axum::middleware::from_fn_with_state(state.clone(), origin::guard))
         .layer(axum::middleware::from_fn(metrics::count_requests))
         .with_state(state)
 }

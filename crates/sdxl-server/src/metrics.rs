@@ -16,6 +16,15 @@ pub const REQUESTS_TOTAL: &str = "sdxl_requests_total";
 /// every server that uses it (scale a fleet on it).
 pub const JOBS_QUEUED: &str = "sdxl_jobs_queued";
 
+/// Connections open, by pool: `main` (served in full, up to `--max-connections`) and
+/// `overflow` (beyond it, health checks only).
+pub const CONNECTIONS_OPEN: &str = "sdxl_connections_open";
+
+/// Connections the server closed on its own, by reason: `first_request_timeout`,
+/// `idle_timeout`, `write_timeout`, `evicted` (an overflow connection replaced by a newer
+/// one), `overflow_deadline`, `refused` (beyond the cap and the overflow).
+pub const CONNECTIONS_CLOSED: &str = "sdxl_connections_closed_total";
+
 /// The process-wide Prometheus recorder; later calls return the same handle.
 pub fn install() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -28,6 +37,12 @@ pub fn install() -> PrometheusHandle {
             if metrics::set_global_recorder(recorder).is_ok() {
                 sdxl_engine::metric_names::describe();
                 metrics::describe_gauge!(JOBS_QUEUED, metrics::Unit::Count, "Stored jobs waiting to be claimed.");
+                metrics::describe_gauge!(CONNECTIONS_OPEN, metrics::Unit::Count, "Connections open, by pool.");
+                metrics::describe_counter!(
+                    CONNECTIONS_CLOSED,
+                    metrics::Unit::Count,
+                    "Connections closed by the server's limits, by reason."
+                );
             }
             handle
         })

@@ -187,14 +187,19 @@ fn with_errors(mut operation: OperationBuilder, error_schema: &str, auth: bool) 
         ("413", "The body is larger than the server's limit (code 3006)"),
         ("500", "Generation failed; the detail is in the server log only (code 3030)"),
         ("503", "The server is draining for shutdown (code 3040)"),
+        ("403", "A browser request from an origin the server does not allow (code 10403)"),
+        ("415", "A browser request whose body is not declared `application/json` (code 10415)"),
+        ("421", "A `Host` this server does not answer for (code 10421)"),
     ];
     if auth {
-        cases.push(("401", "Missing or unknown bearer token (code 10000)"));
+        cases.push(("401", "Missing or unknown API key, as a bearer token or Basic password (code 10000)"));
     }
     for (status, description) in cases {
         operation = operation.response(status, error(description));
     }
-    let mut queue_full = error("The queue is full; retry after `Retry-After` seconds (code 3040)");
+    let mut queue_full = error(
+        "The queue is full, or this key has its share of it waiting; retry after `Retry-After` seconds (code 3040)",
+    );
     queue_full.headers.insert("Retry-After".into(), integer_header("Seconds to wait before retrying"));
     operation.response("429", queue_full)
 }

@@ -223,13 +223,13 @@ async fn metrics_and_openapi_describe_the_server() {
 async fn a_client_that_trickles_its_headers_is_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let config = ServerConfig { header_read_timeout: Duration::from_millis(200), ..ServerConfig::default() };
-    let queue = Queue::start(SlowBackend::new(Duration::ZERO), QueueConfig { capacity: 1 });
+    let queue = Queue::start(SlowBackend::new(Duration::ZERO), QueueConfig::with_capacity(1));
     let state = AppState::new(queue, config.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(sdxl_server::serve(listener, app(state), config.header_read_timeout, std::future::pending()));
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    stream.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    stream.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n").await.unwrap();
     let started = Instant::now();
     let mut buffer = Vec::new();
     // the server closes the connection (possibly after a 408) instead of waiting forever
@@ -249,7 +249,7 @@ async fn a_body_that_does_not_arrive_gets_408_in_the_envelope() {
     let address = base.trim_start_matches("http://");
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     let head = format!(
-        "POST {RUN} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"prompt\""
+        "POST {RUN} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"prompt\""
     );
     stream.write_all(head.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
@@ -270,7 +270,7 @@ async fn a_trickled_body_gets_408_when_the_whole_body_is_late() {
     let stream = tokio::net::TcpStream::connect(address).await.unwrap();
     let (mut read, mut write) = stream.into_split();
     let head =
-        format!("POST {RUN} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n");
+        format!("POST {RUN} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n");
     write.write_all(head.as_bytes()).await.unwrap();
     let trickle = tokio::spawn(async move {
         for _ in 0..100 {

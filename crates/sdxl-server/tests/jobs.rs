@@ -19,7 +19,7 @@ const SHORT_RUN: &str = "/ai/run/@cf/bytedance/stable-diffusion-xl-lightning";
 /// A server with an SQLite job store in `dir` and its runner.
 async fn start_with_jobs(backend: impl Backend, dir: &std::path::Path) -> String {
     let store = sdxl_server::jobs::open(&format!("sqlite://{}", dir.join("jobs.db").display())).await.unwrap();
-    let queue = Queue::start(backend, QueueConfig { capacity: 4 });
+    let queue = Queue::start(backend, QueueConfig::with_capacity(4));
     let state = AppState::with_jobs(queue, ServerConfig::default(), Some(store.clone()));
     let config = RunnerConfig {
         worker: "test".into(),

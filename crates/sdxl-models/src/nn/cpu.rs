@@ -6,6 +6,8 @@
 //!   image size (a full im2col of a 2048² VAE layer would take tens of GB).
 //! - Attention runs per head and per block of query rows, with the softmax in between: the
 //!   whole score matrix is never held.
+//! - OpenBLAS is loaded at run time; where it is missing, or `SDXL_OPENBLAS=off`, the
+//!   dispatcher ([`super::kernels`]) runs candle's ops instead.
 
 use std::os::raw::c_int;
 use std::sync::OnceLock;
@@ -44,7 +46,19 @@ const ROW_MAJOR: c_int = 101;
 const NO_TRANS: c_int = 111;
 const TRANS: c_int = 112;
 
-/// The system's OpenBLAS, or `None` when it cannot be loaded.
+/// The names the system's OpenBLAS is loaded by, in order.
+const LIBRARY_NAMES: [&str; 3] = ["libopenblas.so.0", "libopenblas.so", "libopenblas.dylib"];
+
+/// `SDXL_OPENBLAS=off` keeps OpenBLAS unloaded even where it is installed, so that the f32
+/// kernels run on candle's ops: to compare the two paths, or to test the fallback.
+const SWITCH: &str = "SDXL_OPENBLAS";
+
+/// Whether `SDXL_OPENBLAS=off` is set.
+fn switched_off() -> bool {
+    std::env::var_os(SWITCH).is_some_and(|v| v == "off")
+}
+
+/// The system's OpenBLAS, or `None` when it cannot be loaded or `SDXL_OPENBLAS=off`.
 ///
 /// Unless the user chose one, `OPENBLAS_CORETYPE` is set from the CPU's features before
 /// loading (OpenBLAS reads it as it initialises): distributions' OpenBLAS builds fall back to
@@ -54,6 +68,9 @@ fn openblas() -> Option<&'static OpenBlas> {
     static OPENBLAS: OnceLock<Option<OpenBlas>> = OnceLock::new();
     OPENBLAS
         .get_or_init(|| {
+            if switched_off() {
+                return None;
+            }
             if std::env::var_os("OPENBLAS_CORETYPE").is_none() {
                 if let Some(core) = core_type() {
                     std::env::set_var("OPENBLAS_CORETYPE", core);
@@ -65,7 +82,7 @@ fn openblas() -> Option<&'static OpenBlas> {
             if std::env::var_os("OPENBLAS_THREAD_TIMEOUT").is_none() {
                 std::env::set_var("OPENBLAS_THREAD_TIMEOUT", "4");
             }
-            ["libopenblas.so.0", "libopenblas.so", "libopenblas.dylib"].iter().find_map(|name| {
+            LIBRARY_NAMES.iter().find_map(|name| {
                 // SAFETY: loading OpenBLAS runs its initialiser, which only reads the
                 // environment and sizes its buffers.
                 let library = unsafe { libloading::Library::new(name) }.ok()?;
@@ -407,17 +424,47 @@ fn softmax_in_place(row: &mut [f32]) {
     }
 }
 
+/// Whether the kernels should run on OpenBLAS here: the library is installed (looked up
+/// directly, not through [`openblas`], so that a loader that failed silently fails the tests
+/// instead of skipping the path) and not switched off with `SDXL_OPENBLAS=off`. Asserts that
+/// [`openblas`] agrees.
+#[cfg(test)]
+pub(crate) fn openblas_expected() -> bool {
+    // first, so that OpenBLAS initialises with the environment `openblas` sets
+    let loaded = openblas().is_some();
+    let installed = LIBRARY_NAMES.iter().any(|name| {
+        // SAFETY: as in `openblas`; the symbol is only looked up, not called
+        unsafe { libloading::Library::new(name) }
+            .is_ok_and(|library| unsafe { library.get::<Sgemm>(b"cblas_sgemm\0") }.is_ok())
+    });
+    let expected = installed && !switched_off();
+    assert_eq!(
+        loaded,
+        expected,
+        "OpenBLAS installed: {installed}, {SWITCH}=off: {}, but the loader found it: {loaded}",
+        switched_off()
+    );
+    expected
+}
+
+// These tests run the dispatcher ([`super::kernels`]) on whichever path this machine takes:
+// OpenBLAS's kernels where the library is installed (as CI does), candle's ops where it is not
+// or `SDXL_OPENBLAS=off`. Either way the result is held to a direct sum in f64, and the path
+// taken is the one expected.
 #[cfg(test)]
 mod tests {
+    use super::super::kernels;
     use super::*;
 
-    /// These tests exercise the OpenBLAS kernels themselves, so they need the library.
-    fn require_openblas() {
-        assert!(
-            openblas().is_some(),
-            "OpenBLAS is not installed (apt install libopenblas0), or build with --no-default-features"
-        );
-    }
+    /// Max absolute difference from the f64 reference: dot products of up to 160 terms in [-1, 1].
+    const MATMUL_ATOL: f32 = 1e-3;
+    /// Max absolute difference from the f64 reference: sums of up to 37 terms in [-1, 1].
+    const CONV_ATOL: f32 = 1e-4;
+    /// Max difference from the f64 reference relative to the output's largest value: Winograd's
+    /// F(4×4, 3×3) rounds more than a direct sum (about 1e-5 here), far below a u8 pixel step.
+    const WINOGRAD_RTOL: f32 = 3e-5;
+    /// Max absolute difference from the f64 reference: a softmax-weighted mean of values in [-1, 1].
+    const ATTENTION_ATOL: f32 = 1e-5;
 
     /// Deterministic values in [-1, 1] that differ per `seed`.
     fn random(shape: &[usize], seed: u64) -> Tensor {
@@ -426,66 +473,152 @@ mod tests {
         Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
     }
 
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
     fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }
 
+    /// Asserts that the dispatcher took the path this machine should: on OpenBLAS, `ours` is
+    /// the very bits of calling the OpenBLAS kernel directly.
+    fn assert_path(inputs: &[&Tensor], ours: &Tensor, openblas_kernel: impl FnOnce() -> candle_core::Result<Tensor>) {
+        let expected = openblas_expected();
+        assert_eq!(applies(inputs), expected, "the dispatcher's choice of OpenBLAS");
+        if expected {
+            assert!(
+                values(ours) == values(&openblas_kernel().unwrap()),
+                "the dispatcher did not run the OpenBLAS kernel"
+            );
+        }
+    }
+
+    /// `a` `[M, K]` · `b`ᵀ (`b` `[N, K]`) by direct sums in f64.
+    fn reference_matmul_nt(a: &Tensor, b: &Tensor) -> Tensor {
+        let ((m, k), (n, _)) = (a.dims2().unwrap(), b.dims2().unwrap());
+        let (a, b) = (values(a), values(b));
+        let mut out = Vec::with_capacity(m * n);
+        for row in 0..m {
+            for col in 0..n {
+                let (a, b) = (&a[row * k..][..k], &b[col * k..][..k]);
+                out.push(a.iter().zip(b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum::<f64>() as f32);
+            }
+        }
+        Tensor::from_vec(out, (m, n), &Device::Cpu).unwrap()
+    }
+
+    /// Convolution of `x` `[B, Cin, H, W]` with `weight` `[Cout, Cin, k, k]`, plus `bias`, by
+    /// direct sums in f64.
+    fn reference_conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, stride: usize, padding: usize) -> Tensor {
+        let (batch, c_in, h, w) = x.dims4().unwrap();
+        let (c_out, _, k, _) = weight.dims4().unwrap();
+        let shape = ConvShape { c_in, h, w, k, stride, padding };
+        let (out_h, out_w) = (shape.out_h(), shape.out_w());
+        let (x, weight, bias) = (values(x), values(weight), values(bias));
+        // the input row (or column) that output row `o` reads at kernel offset `offset`, if inside
+        let input =
+            |o: usize, offset: usize, size: usize| (o * stride + offset).checked_sub(padding).filter(|&i| i < size);
+        let mut out = Vec::with_capacity(batch * c_out * out_h * out_w);
+        for b in 0..batch {
+            for o in 0..c_out {
+                for oy in 0..out_h {
+                    for ox in 0..out_w {
+                        let mut sum = f64::from(bias[o]);
+                        for c in 0..c_in {
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    let (Some(iy), Some(ix)) = (input(oy, ky, h), input(ox, kx, w)) else { continue };
+                                    let pixel = x[((b * c_in + c) * h + iy) * w + ix];
+                                    sum += f64::from(pixel) * f64::from(weight[((o * c_in + c) * k + ky) * k + kx]);
+                                }
+                            }
+                        }
+                        out.push(sum as f32);
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(out, (batch, c_out, out_h, out_w), &Device::Cpu).unwrap()
+    }
+
+    /// `softmax(q · kᵀ · scale) · v` per head by direct sums in f64.
+    fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
+        let ((heads, n, d), (_, m, _)) = (q.dims3().unwrap(), k.dims3().unwrap());
+        let (q, k, v) = (values(q), values(k), values(v));
+        let mut out = Vec::with_capacity(heads * n * d);
+        for head in 0..heads {
+            for row in 0..n {
+                let query = &q[(head * n + row) * d..][..d];
+                let mut weights = Vec::with_capacity(m);
+                for key in k[head * m * d..][..m * d].chunks_exact(d) {
+                    weights
+                        .push(scale * query.iter().zip(key).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum::<f64>());
+                }
+                let max = weights.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                weights.iter_mut().for_each(|w| *w = (*w - max).exp());
+                let total: f64 = weights.iter().sum();
+                for e in 0..d {
+                    let mean = (0..m).map(|j| weights[j] * f64::from(v[(head * m + j) * d + e])).sum::<f64>() / total;
+                    out.push(mean as f32);
+                }
+            }
+        }
+        Tensor::from_vec(out, (heads, n, d), &Device::Cpu).unwrap()
+    }
+
     #[test]
-    fn matmul_matches_candle() {
-        require_openblas();
+    fn matmul_matches_direct_sums() {
         for (m, n, k) in [(37, 23, 19), (301, 129, 160)] {
             let (a, b) = (random(&[m, k], 1), random(&[n, k], 2));
-            let expected = a.matmul(&b.t().unwrap()).unwrap();
-            assert!(max_difference(&matmul_nt(&a, &b).unwrap(), &expected) < 1e-3, "{m}x{n}x{k}");
+            let ours = kernels::matmul_nt(&a, &b).unwrap();
+            let error = max_difference(&ours, &reference_matmul_nt(&a, &b));
+            assert!(error < MATMUL_ATOL, "{m}x{n}x{k}: {error}");
+            assert_path(&[&a, &b], &ours, || matmul_nt(&a, &b));
         }
     }
 
     #[test]
-    fn convolutions_match_candle_for_every_shape_the_models_use() {
-        require_openblas();
+    fn convolutions_match_direct_sums_for_every_shape_the_models_use() {
         // (Cin, Cout, H, W, k, stride, padding): 3×3 same, strided down-sampling with and
         // without padding, 1×1, and odd sizes.
         let cases = [(3, 5, 9, 7, 3, 1, 1), (4, 6, 10, 9, 3, 2, 1), (4, 6, 10, 9, 3, 2, 0), (6, 3, 5, 4, 1, 1, 0)];
         for (c_in, c_out, h, w, k, stride, padding) in cases {
-            let x = random(&[2, c_in, h, w], 3);
-            let weight = random(&[c_out, c_in, k, k], 4);
-            let expected = x.conv2d(&weight, padding, stride, 1, 1).unwrap();
-            let bias = random(&[c_out], 10);
-            let expected = expected.broadcast_add(&bias.reshape((1, c_out, 1, 1)).unwrap()).unwrap();
-            let ours = conv2d(&x, &weight, &bias, stride, padding).unwrap();
-            assert_eq!(ours.dims(), expected.dims());
-            assert!(max_difference(&ours, &expected) < 1e-4, "{:?}", (c_in, c_out, h, w, k, stride, padding));
+            let case = (c_in, c_out, h, w, k, stride, padding);
+            let (x, weight, bias) =
+                (random(&[2, c_in, h, w], 3), random(&[c_out, c_in, k, k], 4), random(&[c_out], 10));
+            let ours = kernels::conv2d(&x, &weight, &bias, stride, padding).unwrap();
+            let error = max_difference(&ours, &reference_conv2d(&x, &weight, &bias, stride, padding));
+            assert!(error < CONV_ATOL, "{case:?}: {error}");
+            assert_path(&[&x, &weight, &bias], &ours, || conv2d(&x, &weight, &bias, stride, padding));
         }
     }
 
     #[test]
-    fn winograd_convolutions_match_candle() {
-        require_openblas();
+    fn winograd_convolutions_match_direct_sums() {
         // (Cin, Cout, H, W, padding): odd sizes that leave partial tiles at the edges
         for (c_in, c_out, h, w, padding) in [(8, 9, 33, 35, 1), (9, 8, 38, 34, 0), (16, 12, 64, 61, 1)] {
+            let case = (c_in, c_out, h, w, padding);
             let (out_h, out_w) = (h + 2 * padding - 2, w + 2 * padding - 2);
             assert!(winograd::worthwhile(c_in, c_out, out_h, out_w), "the case must take the Winograd path");
-            let x = random(&[2, c_in, h, w], 8);
-            let weight = random(&[c_out, c_in, 3, 3], 9);
-            let expected = x.conv2d(&weight, padding, 1, 1, 1).unwrap();
-            let bias = random(&[c_out], 10);
-            let expected = expected.broadcast_add(&bias.reshape((1, c_out, 1, 1)).unwrap()).unwrap();
-            let ours = conv2d(&x, &weight, &bias, 1, padding).unwrap();
-            assert_eq!(ours.dims(), expected.dims());
-            // F(4×4, 3×3) rounds more than a direct sum: about 1e-5 of the output's
-            // largest value here (measured 0.7–1.1e-5), far below a u8 pixel step.
+            let (x, weight, bias) =
+                (random(&[2, c_in, h, w], 8), random(&[c_out, c_in, 3, 3], 9), random(&[c_out], 10));
+            let ours = kernels::conv2d(&x, &weight, &bias, 1, padding).unwrap();
+            let expected = reference_conv2d(&x, &weight, &bias, 1, padding);
             let scale = expected.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
             let relative = max_difference(&ours, &expected) / scale;
-            assert!(relative < 3e-5, "{:?}: relative error {relative}", (c_in, c_out, h, w, padding));
+            assert!(relative < WINOGRAD_RTOL, "{case:?}: relative error {relative}");
+            assert_path(&[&x, &weight, &bias], &ours, || conv2d(&x, &weight, &bias, 1, padding));
         }
     }
 
     #[test]
-    fn attention_matches_the_plain_formula() {
-        require_openblas();
+    fn attention_matches_direct_sums() {
         let (q, k, v) = (random(&[3, 11, 8], 5), random(&[3, 7, 8], 6), random(&[3, 7, 8], 7));
-        let scores = (q.matmul(&k.t().unwrap()).unwrap() * 0.35).unwrap();
-        let expected = candle_nn::ops::softmax_last_dim(&scores).unwrap().matmul(&v).unwrap();
-        assert!(max_difference(&attention(&q, &k, &v, 0.35).unwrap(), &expected) < 1e-5);
+        let ours = kernels::attention(&q, &k, &v, 0.35).unwrap();
+        let error = max_difference(&ours, &reference_attention(&q, &k, &v, 0.35));
+        assert!(error < ATTENTION_ATOL, "{error}");
+        assert_path(&[&q, &k, &v], &ours, || attention(&q, &k, &v, 0.35));
     }
 }

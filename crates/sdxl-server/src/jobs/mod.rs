@@ -6,6 +6,11 @@
 //! claimed again once its lease runs out. The request is stored with its seed fixed, so a
 //! job run twice gives the same bytes. Times are milliseconds since the Unix epoch from the
 //! servers' clocks, which a fleet keeps in sync well within a lease.
+//!
+//! Every job records its owner (a hash of the API key that stored it, see
+//! [`crate::auth::Owner`]); jobs stored before owners were recorded have none. The store
+//! answers any job by id; who may see it is decided in [`crate::job_api`], and a delete
+//! names its owner so that it cannot remove another's.
 
 mod postgres;
 mod request;
@@ -60,6 +65,8 @@ pub struct JobError {
 #[derive(Debug, Clone)]
 pub struct JobRecord {
     pub id: String,
+    /// Who stored it; `None` for jobs stored before owners were recorded.
+    pub owner: Option<String>,
     pub status: Status,
     /// Queued jobs ahead of this one (queued jobs only).
     pub position: Option<u64>,
@@ -102,8 +109,8 @@ impl From<sqlx::Error> for StoreError {
 /// A durable job queue shared by every server that opens it.
 #[async_trait]
 pub trait JobStore: Send + Sync {
-    /// Stores a new queued job.
-    async fn submit(&self, id: &str, request: &StoredRequest, now: i64) -> Result<(), StoreError>;
+    /// Stores a new queued job for `owner`.
+    async fn submit(&self, id: &str, owner: Option<&str>, request: &StoredRequest, now: i64) -> Result<(), StoreError>;
     /// Claims the oldest job that is queued, or running with its lease run out, for `worker`
     /// until `lease_until`.
     async fn claim(&self, worker: &str, now: i64, lease_until: i64) -> Result<Option<Claimed>, StoreError>;
@@ -115,9 +122,10 @@ pub trait JobStore: Send + Sync {
     async fn get(&self, id: &str) -> Result<Option<JobRecord>, StoreError>;
     /// The PNG of a done job.
     async fn image(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Deletes a job and its result; a running job's worker stops at its next renewal.
-    /// Answers the status it had, `None` if there was no such job.
-    async fn delete(&self, id: &str) -> Result<Option<Status>, StoreError>;
+    /// Deletes `owner`'s job and its result (a job without an owner too when
+    /// `or_ownerless`); a running job's worker stops at its next renewal. Answers the status
+    /// it had, `None` if there was no such job of that owner.
+    async fn delete(&self, id: &str, owner: &str, or_ownerless: bool) -> Result<Option<Status>, StoreError>;
     /// Deletes jobs that finished before `before`; answers how many.
     async fn expire(&self, before: i64) -> Result<u64, StoreError>;
     /// Jobs waiting to be claimed.
@@ -141,18 +149,25 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-/// A new job id: 128 random bits in hex.
+/// A new job id: 128 bits from the operating system's CSPRNG, in hex. Knowing an id is not
+/// enough to read a job (it must also be the caller's), but ids are not guessable either.
+///
+/// # Panics
+/// If the operating system has no random source, which no supported platform lacks.
 pub fn new_id() -> String {
-    use std::hash::{BuildHasher, RandomState};
-    let now = std::time::SystemTime::now();
-    let (a, b) = (RandomState::new().hash_one(now), RandomState::new().hash_one((now, 1u8)));
-    format!("{a:016x}{b:016x}")
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).expect("the operating system provides random bytes");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// `(seq, id, status, step, total, seed, created_at, started_at, finished_at, attempts,
+/// Adds the `owner` column to a table made before jobs had owners (`ALTER TABLE … ADD
+/// COLUMN` keeps every row; they are left without an owner).
+pub(crate) const ADD_OWNER: &str = "ALTER TABLE sdxl_jobs ADD COLUMN owner TEXT";
+
+/// `(seq, id, owner, status, step, total, seed, created_at, started_at, finished_at, attempts,
 /// error_status, error_code, error_message)`: the columns both stores select for a record.
-pub(crate) const RECORD_COLUMNS: &str = "seq, id, status, step, total, seed, created_at, started_at, finished_at, \
-                                         attempts, error_status, error_code, error_message";
+pub(crate) const RECORD_COLUMNS: &str = "seq, id, owner, status, step, total, seed, created_at, started_at, \
+                                         finished_at, attempts, error_status, error_code, error_message";
 
 /// A record from a row of [`RECORD_COLUMNS`], with its queue position.
 pub(crate) fn record_from_row<R: sqlx::Row>(row: &R, position: Option<u64>) -> Result<JobRecord, StoreError>
@@ -175,6 +190,7 @@ where
     let seed: String = row.try_get("seed")?;
     Ok(JobRecord {
         id: row.try_get("id")?,
+        owner: row.try_get("owner")?,
         status: Status::parse(&row.try_get::<String, _>("status")?)?,
         position,
         step: row.try_get::<i64, _>("step")? as u64,
@@ -186,4 +202,15 @@ where
         attempts: row.try_get::<i64, _>("attempts")? as u64,
         error,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ids_are_128_random_bits() {
+        let (a, b) = (super::new_id(), super::new_id());
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
 }

@@ -14,6 +14,7 @@ use super::{record_from_row, Claimed, JobRecord, JobStore, Outcome, Status, Stor
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS sdxl_jobs (
     seq BIGSERIAL PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
+    owner TEXT,
     request TEXT NOT NULL,
     seed TEXT NOT NULL,
     status TEXT NOT NULL,
@@ -49,6 +50,10 @@ impl PostgresStore {
         let mut transaction = pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(SCHEMA_LOCK).execute(&mut *transaction).await?;
         sqlx::raw_sql(SCHEMA).execute(&mut *transaction).await?;
+        // tables made before jobs had owners
+        sqlx::raw_sql(&super::ADD_OWNER.replace("ADD COLUMN", "ADD COLUMN IF NOT EXISTS"))
+            .execute(&mut *transaction)
+            .await?;
         transaction.commit().await?;
         Ok(Self { pool })
     }
@@ -56,14 +61,17 @@ impl PostgresStore {
 
 #[async_trait]
 impl JobStore for PostgresStore {
-    async fn submit(&self, id: &str, request: &StoredRequest, now: i64) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO sdxl_jobs (id, request, seed, status, created_at) VALUES ($1, $2, $3, 'queued', $4)")
-            .bind(id)
-            .bind(request.to_json())
-            .bind(&request.seed)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
+    async fn submit(&self, id: &str, owner: Option<&str>, request: &StoredRequest, now: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO sdxl_jobs (id, owner, request, seed, status, created_at) VALUES ($1, $5, $2, $3, 'queued', $4)",
+        )
+        .bind(id)
+        .bind(request.to_json())
+        .bind(&request.seed)
+        .bind(now)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -156,11 +164,15 @@ impl JobStore for PostgresStore {
         Ok(image.flatten())
     }
 
-    async fn delete(&self, id: &str) -> Result<Option<Status>, StoreError> {
-        let status: Option<String> = sqlx::query_scalar("DELETE FROM sdxl_jobs WHERE id = $1 RETURNING status")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+    async fn delete(&self, id: &str, owner: &str, or_ownerless: bool) -> Result<Option<Status>, StoreError> {
+        let status: Option<String> = sqlx::query_scalar(
+            "DELETE FROM sdxl_jobs WHERE id = $1 AND (owner = $2 OR (owner IS NULL AND $3)) RETURNING status",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(or_ownerless)
+        .fetch_optional(&self.pool)
+        .await?;
         status.as_deref().map(Status::parse).transpose()
     }
 

@@ -1,17 +1,27 @@
-//! The loop that takes stored jobs to this server's model: when the model's queue is idle it
-//! claims the oldest stored job, runs it through the same queue as the synchronous routes
-//! (which therefore never wait behind more than one stored job), renews the lease every
-//! second with the progress, and stores the PNG. It also deletes results older than the TTL.
+//! The loop that takes stored jobs to this server's model: it claims the oldest stored job,
+//! runs it through the same queue as the synchronous routes, renews the lease every second
+//! with the progress, and stores the PNG. It also deletes results older than the TTL.
+//!
+//! Stored and synchronous work share the model fairly. When the queue is idle the runner
+//! claims at once. When it is busy the runner waits [`YIELD_TO_IDLE_SERVERS`] first (so
+//! an idle server of the fleet takes the job), then claims and places the job ahead of the
+//! waiting requests ([`Placement::Ahead`], one at a time): with both kinds waiting they
+//! alternate, so neither starves the other, and a synchronous request waits behind at most
+//! one stored job.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sdxl_engine::{Event, GenerateRequest, Limits, Update};
+use sdxl_engine::{Event, Placement, Submission, Update};
 
 use super::{now_ms, Claimed, JobError, JobStore, Outcome, StoreError};
 use crate::error::ApiError;
-use crate::routes::run::{check_pixels, encode_png};
+use crate::generation::{encode_png, parse_raw};
 use crate::AppState;
+
+/// How long a busy server leaves a stored job to the fleet's idle servers before it claims
+/// the job itself.
+pub const YIELD_TO_IDLE_SERVERS: Duration = Duration::from_secs(2);
 
 /// How the runner behaves.
 #[derive(Debug, Clone)]
@@ -40,14 +50,19 @@ pub fn worker_name() -> String {
 /// Runs until the server drains.
 pub async fn run(state: AppState, store: Arc<dyn JobStore>, config: RunnerConfig) {
     let expiry = tokio::spawn(expire(state.clone(), store.clone(), config.ttl));
+    let mut busy_since: Option<Instant> = None;
     while !state.draining() {
-        if state.queue().busy() || state.queue().waiting() > 0 {
+        let busy = state.queue().busy() || state.queue().waiting() > 0;
+        if !busy {
+            busy_since = None;
+        } else if busy_since.get_or_insert_with(Instant::now).elapsed() < YIELD_TO_IDLE_SERVERS {
             tokio::time::sleep(config.poll).await;
             continue;
         }
         let now = now_ms();
         match store.claim(&config.worker, now, now + config.lease.as_millis() as i64).await {
             Ok(Some(job)) => {
+                busy_since = None;
                 if let Err(e) = run_job(&state, store.as_ref(), &config, job).await {
                     tracing::warn!(error = %e, "job store failed during a job");
                     tokio::time::sleep(config.poll).await;
@@ -91,11 +106,7 @@ async fn run_job(
         let (status, code) = e.status_and_code();
         Outcome::Failed(JobError { status: status.as_u16(), code, message: e.to_string() })
     };
-    let parsed = request.to_raw().map_err(|e| ApiError::BadRequest(e.0)).and_then(|raw| {
-        let request = GenerateRequest::parse(raw, &Limits::SERVER).map_err(ApiError::from_engine)?;
-        check_pixels(&request, state.config().max_pixels)?;
-        Ok(request)
-    });
+    let parsed = request.to_raw().map_err(|e| ApiError::BadRequest(e.0)).and_then(|raw| parse_raw(raw, state.config()));
     let request = match parsed {
         Ok(request) => request,
         Err(e) => {
@@ -106,10 +117,11 @@ async fn run_job(
     tracing::info!(job = %id, "running a stored job");
     let parameters = sdxl_engine::png::parameters_text(&request, &state.config().model_name);
     let deadline = Instant::now() + state.config().request_timeout;
-    let mut ticket = match state.queue().submit(request, deadline) {
+    let ahead = Submission { placement: Placement::Ahead, ..Submission::default() };
+    let mut ticket = match state.queue().submit_with(request, deadline, ahead) {
         Ok(ticket) => ticket,
-        // draining, or the queue filled since we looked: the lease runs out and the job
-        // goes to another server, or to this one after a restart
+        // draining: the lease runs out and the job goes to another server, or to this one
+        // after a restart
         Err(e) => {
             tracing::info!(job = %id, error = %e, "cannot run the claimed job now");
             return Ok(());

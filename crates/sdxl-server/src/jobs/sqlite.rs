@@ -15,6 +15,7 @@ use super::{record_from_row, Claimed, JobRecord, JobStore, Outcome, Status, Stor
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS sdxl_jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
+    owner TEXT,
     request TEXT NOT NULL,
     seed TEXT NOT NULL,
     status TEXT NOT NULL,
@@ -53,20 +54,30 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+        let has_owner: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM pragma_table_info('sdxl_jobs') WHERE name = 'owner'")
+                .fetch_one(&pool)
+                .await?;
+        if has_owner == 0 {
+            sqlx::raw_sql(super::ADD_OWNER).execute(&pool).await?;
+        }
         Ok(Self { pool })
     }
 }
 
 #[async_trait]
 impl JobStore for SqliteStore {
-    async fn submit(&self, id: &str, request: &StoredRequest, now: i64) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO sdxl_jobs (id, request, seed, status, created_at) VALUES (?1, ?2, ?3, 'queued', ?4)")
-            .bind(id)
-            .bind(request.to_json())
-            .bind(&request.seed)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
+    async fn submit(&self, id: &str, owner: Option<&str>, request: &StoredRequest, now: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO sdxl_jobs (id, owner, request, seed, status, created_at) VALUES (?1, ?5, ?2, ?3, 'queued', ?4)",
+        )
+        .bind(id)
+        .bind(request.to_json())
+        .bind(&request.seed)
+        .bind(now)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -159,11 +170,15 @@ impl JobStore for SqliteStore {
         Ok(image.flatten())
     }
 
-    async fn delete(&self, id: &str) -> Result<Option<Status>, StoreError> {
-        let status: Option<String> = sqlx::query_scalar("DELETE FROM sdxl_jobs WHERE id = ?1 RETURNING status")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+    async fn delete(&self, id: &str, owner: &str, or_ownerless: bool) -> Result<Option<Status>, StoreError> {
+        let status: Option<String> = sqlx::query_scalar(
+            "DELETE FROM sdxl_jobs WHERE id = ?1 AND (owner = ?2 OR (owner IS NULL AND ?3)) RETURNING status",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(or_ownerless)
+        .fetch_optional(&self.pool)
+        .await?;
         status.as_deref().map(Status::parse).transpose()
     }
 
@@ -215,7 +230,7 @@ mod tests {
     async fn jobs_are_claimed_in_order_and_each_once() {
         let (_dir, store) = store().await;
         for (i, id) in ["a", "b", "c"].iter().enumerate() {
-            store.submit(id, &request(id, i as u64), 100).await.unwrap();
+            store.submit(id, Some("owner"), &request(id, i as u64), 100).await.unwrap();
         }
         assert_eq!(store.get("c").await.unwrap().unwrap().position, Some(2));
         assert_eq!(store.queued().await.unwrap(), 3);
@@ -233,7 +248,7 @@ mod tests {
     #[tokio::test]
     async fn a_lapsed_lease_is_claimed_again_and_the_first_worker_loses_it() {
         let (_dir, store) = store().await;
-        store.submit("a", &request("a", 1), 0).await.unwrap();
+        store.submit("a", Some("owner"), &request("a", 1), 0).await.unwrap();
         store.claim("dead", 0, 1_000).await.unwrap().unwrap();
         assert!(store.renew("a", "dead", 1_500, 1, 4).await.unwrap(), "its own lease renews");
         assert!(store.claim("live", 1_000, 11_000).await.unwrap().is_none(), "the lease still runs");
@@ -250,24 +265,24 @@ mod tests {
     #[tokio::test]
     async fn deleting_stops_the_worker_and_the_job_is_gone() {
         let (_dir, store) = store().await;
-        store.submit("queued", &request("q", 1), 0).await.unwrap();
-        store.submit("running", &request("r", 2), 0).await.unwrap();
-        assert_eq!(store.delete("queued").await.unwrap(), Some(Status::Queued));
+        store.submit("queued", Some("owner"), &request("q", 1), 0).await.unwrap();
+        store.submit("running", Some("owner"), &request("r", 2), 0).await.unwrap();
+        assert_eq!(store.delete("queued", "owner", false).await.unwrap(), Some(Status::Queued));
         let running = store.claim("w", 10, 10_000).await.unwrap().unwrap();
         assert_eq!(running.id, "running", "a deleted job is never claimed");
-        assert_eq!(store.delete("running").await.unwrap(), Some(Status::Running));
+        assert_eq!(store.delete("running", "owner", false).await.unwrap(), Some(Status::Running));
         assert!(!store.renew("running", "w", 10_020, 1, 4).await.unwrap(), "the worker hears of it");
         assert!(!store.finish("running", "w", 10_030, Outcome::Done(vec![1])).await.unwrap());
         assert!(store.get("running").await.unwrap().is_none());
-        assert_eq!(store.delete("running").await.unwrap(), None);
+        assert_eq!(store.delete("running", "owner", false).await.unwrap(), None);
     }
 
     #[tokio::test]
     async fn failures_are_kept_and_finished_jobs_expire() {
         let (_dir, store) = store().await;
-        store.submit("bad", &request("bad", 1), 0).await.unwrap();
-        store.submit("good", &request("good", 2), 0).await.unwrap();
-        store.submit("waiting", &request("waiting", 3), 0).await.unwrap();
+        store.submit("bad", Some("owner"), &request("bad", 1), 0).await.unwrap();
+        store.submit("good", Some("owner"), &request("good", 2), 0).await.unwrap();
+        store.submit("waiting", Some("owner"), &request("waiting", 3), 0).await.unwrap();
         store.claim("w", 0, 10_000).await.unwrap();
         let error = JobError { status: 408, code: 3007, message: "request timed out".into() };
         assert!(store.finish("bad", "w", 100, Outcome::Failed(error.clone())).await.unwrap());
@@ -281,11 +296,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn deletes_name_their_owner() {
+        let (_dir, store) = store().await;
+        store.submit("a", Some("alice"), &request("a", 1), 0).await.unwrap();
+        assert_eq!(store.delete("a", "bob", false).await.unwrap(), None, "not bob's");
+        assert_eq!(store.delete("a", "bob", true).await.unwrap(), None, "nor ownerless");
+        assert_eq!(store.get("a").await.unwrap().unwrap().owner.as_deref(), Some("alice"));
+        assert_eq!(store.delete("a", "alice", false).await.unwrap(), Some(Status::Queued));
+    }
+
+    #[tokio::test]
+    async fn a_table_from_before_owners_is_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.db");
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display())).unwrap();
+        let old = SqlitePool::connect_with(options.create_if_missing(true)).await.unwrap();
+        sqlx::raw_sql(&SCHEMA.replace("    owner TEXT,\n", "")).execute(&old).await.unwrap();
+        sqlx::query("INSERT INTO sdxl_jobs (id, request, seed, status, created_at) VALUES ('old', ?1, '7', 'queued', 1)")
+            .bind(request("old", 7).to_json())
+            .execute(&old)
+            .await
+            .unwrap();
+        old.close().await;
+        let store = SqliteStore::open(&path).await.unwrap();
+        let kept = store.get("old").await.unwrap().expect("nothing lost");
+        assert_eq!((kept.owner, kept.seed, kept.status), (None, 7, Status::Queued));
+        assert_eq!(store.delete("old", "someone", false).await.unwrap(), None, "no key's job");
+        store.submit("new", Some("someone"), &request("new", 8), 2).await.unwrap();
+        assert_eq!(store.claim("w", 3, 100).await.unwrap().unwrap().id, "old", "and it still runs in order");
+        assert_eq!(store.delete("old", "anonymous", true).await.unwrap(), Some(Status::Running));
+        drop(store);
+        SqliteStore::open(&path).await.expect("opening a migrated table again");
+    }
+
+    #[tokio::test]
     async fn jobs_survive_reopening_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jobs.db");
         let store = SqliteStore::open(&path).await.unwrap();
-        store.submit("a", &request("a", u64::MAX), 0).await.unwrap();
+        store.submit("a", Some("owner"), &request("a", u64::MAX), 0).await.unwrap();
         store.pool.close().await;
         let reopened = SqliteStore::open(&path).await.unwrap();
         let a = reopened.get("a").await.unwrap().unwrap();

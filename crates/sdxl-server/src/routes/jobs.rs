@@ -1,39 +1,29 @@
-//! Asynchronous jobs in the durable store (see [`crate::jobs`]):
+//! Asynchronous jobs in the durable store (see [`crate::jobs`] and [`crate::job_api`]):
 //! `POST /v1/jobs` (the run route's body; 202 with the id), `GET /v1/jobs/{id}` (status, queue
 //! position, progress), `GET /v1/jobs/{id}/image` (the PNG once done) and
-//! `DELETE /v1/jobs/{id}` (cancel and delete); and, on the Workers AI run route,
-//! `?queueRequest=true` to submit and a body of `{"request_id"}` to poll.
-
-use std::sync::Arc;
+//! `DELETE /v1/jobs/{id}` (cancel and delete). Another key's job answers 404, as an unknown id.
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use axum::{Extension, Json};
+use serde_json::Value;
 
-use super::run::{read_body, validate_job_body};
+use crate::auth::Owner;
 use crate::error::ApiError;
-use crate::jobs::{now_ms, JobError, JobRecord, JobStore, Status, StoreError, StoredRequest};
+use crate::job_api::{self, record_json};
 use crate::AppState;
 
-fn store(state: &AppState) -> Result<&Arc<dyn JobStore>, ApiError> {
-    state.inner.jobs.as_ref().ok_or(ApiError::NotFound)
-}
-
-/// A store failure: logged; the client sees a 500.
-fn store_error(e: StoreError) -> ApiError {
-    tracing::error!(error = %e, "job store failed");
-    ApiError::Internal
-}
-
-pub async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    state.inner.keys.check(&headers)?;
-    let id = submit_body(&state, &headers, body).await?;
-    let record = store(&state)?.get(&id).await.map_err(store_error)?.ok_or(ApiError::Internal)?;
+pub async fn submit(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let id = job_api::submit_body(&state, &owner, &headers, body).await?;
+    let record = job_api::find(&state, &owner, &id).await?;
     let mut response = (StatusCode::ACCEPTED, Json(record_json(&record))).into_response();
     if let Ok(location) = HeaderValue::from_str(&format!("/v1/jobs/{id}")) {
         response.headers_mut().insert(header::LOCATION, location);
@@ -41,154 +31,32 @@ pub async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Bod
     Ok(response)
 }
 
-/// Validates a run body and stores it as a queued job; answers its id.
-pub async fn submit_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<String, ApiError> {
-    let store = store(state)?;
-    if state.draining() {
-        return Err(ApiError::ShuttingDown);
-    }
-    let (body, reservation) = read_body(state, headers, body).await?;
-    let config = state.config().clone();
-    let stored: StoredRequest = state.inner.admission.decode(move || validate_job_body(&body, &config)).await?;
-    drop(reservation);
-    let id = crate::jobs::new_id();
-    store.submit(&id, &stored, now_ms()).await.map_err(store_error)?;
-    Ok(id)
-}
-
 pub async fn status(
     State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
     path: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    state.inner.keys.check(&headers)?;
-    let record = find(&state, path).await?;
+    let record = job_api::find(&state, &owner, &job_id(path)?).await?;
     Ok(Json(record_json(&record)))
 }
 
 pub async fn image(
     State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
     path: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    state.inner.keys.check(&headers)?;
-    let record = find(&state, path).await?;
-    finished_image(&state, &record).await
+    let record = job_api::find(&state, &owner, &job_id(path)?).await?;
+    job_api::finished_image(&state, &record).await
 }
 
 pub async fn cancel(
     State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
     path: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    state.inner.keys.check(&headers)?;
-    let id = job_id(path)?;
-    let status = match store(&state)?.delete(&id).await.map_err(store_error)? {
-        Some(Status::Queued | Status::Running) => "cancelled",
-        Some(Status::Done | Status::Failed) => "deleted",
-        None => return Err(ApiError::UnknownJob(id)),
-    };
-    Ok(Json(json!({ "id": id, "status": status })))
-}
-
-/// The Workers AI poll: the PNG once done, the stored error if it failed, else
-/// `{"result": {"status", "request_id"}}` in the success envelope.
-pub async fn poll(state: &AppState, id: &str) -> Result<Response, ApiError> {
-    let record = store(state)?.get(id).await.map_err(store_error)?.ok_or_else(|| ApiError::UnknownJob(id.into()))?;
-    match record.status {
-        Status::Done | Status::Failed => finished_image(state, &record).await,
-        Status::Queued | Status::Running => {
-            Ok(Json(queued_envelope(&record.id, record.status.as_str())).into_response())
-        }
-    }
-}
-
-/// The Workers AI answer to `?queueRequest=true` (and to a poll of an unfinished job).
-pub fn queued_envelope(id: &str, status: &str) -> Value {
-    json!({
-        "result": { "status": status, "request_id": id },
-        "success": true,
-        "errors": [],
-        "messages": [],
-    })
-}
-
-/// A run route body that is exactly `{"request_id": "…"}`: a poll, not a generation.
-pub fn poll_request(body: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Poll {
-        request_id: String,
-    }
-    // a poll is tiny; a generation request is never parsed twice
-    (body.len() <= 1024).then(|| serde_json::from_slice::<Poll>(body).ok()).flatten().map(|p| p.request_id)
+    Ok(Json(job_api::delete(&state, &owner, &job_id(path)?).await?))
 }
 
 fn job_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     path.map(|Path(id)| id).map_err(|e| ApiError::BadRequest(format!("invalid URL: {}", e.body_text())))
-}
-
-async fn find(state: &AppState, path: Result<Path<String>, PathRejection>) -> Result<JobRecord, ApiError> {
-    let id = job_id(path)?;
-    store(state)?.get(&id).await.map_err(store_error)?.ok_or(ApiError::UnknownJob(id))
-}
-
-/// A done job's PNG (with its seed), a failed job's stored error, else 409.
-async fn finished_image(state: &AppState, record: &JobRecord) -> Result<Response, ApiError> {
-    match (record.status, &record.error) {
-        (Status::Done, _) => {
-            let png = store(state)?.image(&record.id).await.map_err(store_error)?;
-            // deleted between the two reads (its TTL ran out)
-            let png = png.ok_or_else(|| ApiError::UnknownJob(record.id.clone()))?;
-            let mut response = png.into_response();
-            let headers = response.headers_mut();
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
-            headers.insert("x-seed", HeaderValue::from(record.seed));
-            Ok(response)
-        }
-        (Status::Failed, Some(error)) => Ok(stored_error(error)),
-        (status, _) => Err(ApiError::NotReady(record.id.clone(), status.as_str())),
-    }
-}
-
-/// A failed job's error, answered as the synchronous route would have.
-fn stored_error(error: &JobError) -> Response {
-    let status = StatusCode::from_u16(error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let body = json!({
-        "result": null,
-        "success": false,
-        "errors": [{ "code": error.code, "message": error.message }],
-        "messages": [],
-    });
-    (status, Json(body)).into_response()
-}
-
-fn record_json(record: &JobRecord) -> Value {
-    json!({
-        "id": record.id,
-        "status": record.status.as_str(),
-        "position": record.position,
-        "step": record.step,
-        "total": record.total,
-        // a string: JavaScript numbers lose seeds above 2^53
-        "seed": record.seed.to_string(),
-        "attempts": record.attempts,
-        "created_at": record.created_at,
-        "started_at": record.started_at,
-        "finished_at": record.finished_at,
-        "error": record.error.as_ref().map(|e| json!({ "code": e.code, "message": e.message })),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_a_lone_request_id_is_a_poll() {
-        assert_eq!(poll_request(br#"{"request_id": "abc"}"#), Some("abc".into()));
-        assert_eq!(poll_request(br#"{"request_id": "abc", "prompt": "x"}"#), None);
-        assert_eq!(poll_request(br#"{"prompt": "x"}"#), None);
-        assert_eq!(poll_request(b"not json"), None);
-    }
 }

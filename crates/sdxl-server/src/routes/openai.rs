@@ -1,19 +1,18 @@
 //! `POST /v1/images/generations`: the OpenAI images API shape, for clients built on it.
 //! Answers `{created, data: [{b64_json}]}`; errors use OpenAI's `{"error": {...}}` shape with
-//! the same statuses as the Workers AI routes.
+//! the same statuses as the Workers AI routes ([`OpenAiError`]).
 
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use utoipa::ToSchema;
 
-use super::run::{check_pixels, encode_png, execute, read_body};
-use crate::error::ApiError;
+use crate::auth::Owner;
+use crate::error::{ApiError, OpenAiError};
+use crate::generation::{encode_png, execute, parse_raw, read_body, Generation};
 use crate::wire::parse_json;
 use crate::AppState;
 
@@ -57,34 +56,12 @@ pub struct ImagesResponse {
     pub data: Vec<ImageData>,
 }
 
-/// An [`ApiError`] in OpenAI's error shape.
-pub struct OpenAiError(ApiError);
-
-impl From<ApiError> for OpenAiError {
-    fn from(e: ApiError) -> Self {
-        Self(e)
-    }
-}
-
-impl IntoResponse for OpenAiError {
-    fn into_response(self) -> Response {
-        let (status, code) = self.0.status_and_code();
-        let kind = if status.is_client_error() { "invalid_request_error" } else { "server_error" };
-        let body = json!({ "error": { "message": self.0.to_string(), "type": kind, "code": code } });
-        let mut response = (status, Json(body)).into_response();
-        if let Some(retry) = self.0.into_response().headers().get(axum::http::header::RETRY_AFTER) {
-            response.headers_mut().insert(axum::http::header::RETRY_AFTER, retry.clone());
-        }
-        response
-    }
-}
-
 pub async fn generations(
     State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<ImagesResponse>, OpenAiError> {
-    state.inner.keys.check(&headers)?;
     let (body, reservation) = read_body(&state, &headers, body).await?;
     let wire: ImagesRequest = parse_json(&body)?;
     drop((body, reservation));
@@ -100,6 +77,7 @@ pub async fn generations(
     let config = state.config();
     let mut data = Vec::with_capacity(n);
     for i in 0..n as u64 {
+        let seed = first_seed.wrapping_add(i);
         let raw = sdxl_engine::RawRequest {
             prompt: wire.prompt.clone(),
             negative_prompt: wire.negative_prompt.clone(),
@@ -107,7 +85,7 @@ pub async fn generations(
             height: Some(height),
             steps: wire.num_steps.unwrap_or(config.default_steps),
             guidance: wire.guidance.unwrap_or(config.default_guidance),
-            noise: sdxl_engine::NoiseSource::Seed(first_seed.wrapping_add(i)),
+            noise: sdxl_engine::NoiseSource::Seed(seed),
             image: None,
             mask: None,
             strength: None,
@@ -115,11 +93,8 @@ pub async fn generations(
         if raw.prompt.is_empty() {
             return Err(ApiError::BadRequest("`prompt` must be at least 1 character long".into()).into());
         }
-        let request =
-            sdxl_engine::GenerateRequest::parse(raw, &sdxl_engine::Limits::SERVER).map_err(ApiError::from_engine)?;
-        check_pixels(&request, config.max_pixels)?;
-        let parameters = sdxl_engine::png::parameters_text(&request, &config.model_name);
-        let done = execute(&state, request).await?;
+        let Generation { request, parameters, .. } = Generation::new(parse_raw(raw, config)?, seed, config);
+        let done = execute(&state, &owner, request).await?;
         let png = encode_png(done.image, parameters).await?;
         data.push(ImageData { b64_json: base64::engine::general_purpose::STANDARD.encode(png) });
     }

@@ -12,11 +12,12 @@
 //! as on the run route. Closing the stream drops the ticket, which cancels the job.
 
 use std::convert::Infallible;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
+use axum::Extension;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -24,19 +25,20 @@ use futures_util::stream::{self, Stream};
 use sdxl_engine::{Event, Ticket, Update};
 use serde_json::json;
 
-use super::run::{encode_png, read_body, validate_run_body};
+use crate::auth::Owner;
 use crate::error::ApiError;
+use crate::generation::{self, encode_png, read_body, validate_run, Generation};
 use crate::AppState;
 
-pub async fn stream(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    state.inner.keys.check(&headers)?;
+pub async fn stream(
+    State(state): State<AppState>,
+    Extension(owner): Extension<Owner>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let (body, reservation) = read_body(&state, &headers, body).await?;
-    let config = state.config().clone();
-    let (request, seed) = state.inner.admission.decode(move || validate_run_body(&body, &config)).await?;
-    drop(reservation);
-    let parameters = sdxl_engine::png::parameters_text(&request, &state.config().model_name);
-    let deadline = Instant::now() + state.config().request_timeout;
-    let ticket = state.queue().submit_with_previews(request, deadline).map_err(ApiError::from_engine)?;
+    let Generation { request, seed, parameters } = validate_run(&state, body, reservation).await?;
+    let ticket = generation::submit(&state, &owner, request, true)?;
     let job = Job { ticket, seed, parameters };
     // the keep-alive comments also find a vanished client while the job waits in the queue
     Ok(Sse::new(events(job)).keep_alive(KeepAlive::default()).into_response())

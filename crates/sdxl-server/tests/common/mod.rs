@@ -25,7 +25,7 @@ pub fn fixtures() -> PathBuf {
 }
 
 pub async fn start(backend: impl Backend, capacity: usize, config: ServerConfig) -> (String, AppState) {
-    let queue = Queue::start(backend, QueueConfig { capacity });
+    let queue = Queue::start(backend, QueueConfig::with_capacity(capacity));
     let state = AppState::new(queue, config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address: SocketAddr = listener.local_addr().unwrap();

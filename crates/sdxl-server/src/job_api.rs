@@ -1,0 +1,153 @@
+//! The durable-job operations the routes share (see [`crate::jobs`] for the store): submit
+//! a run body as a stored job, find a job for its owner, delete it, and answer its image,
+//! stored error or state. A job is only ever found for the owner that stored it: for any
+//! other owner it does not exist (404, as an unknown id).
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::auth::Owner;
+use crate::error::ApiError;
+use crate::generation::{read_body, validate_job_body};
+use crate::jobs::{now_ms, JobError, JobRecord, JobStore, Status, StoreError, StoredRequest};
+use crate::AppState;
+
+fn store(state: &AppState) -> Result<&Arc<dyn JobStore>, ApiError> {
+    state.inner.jobs.as_ref().ok_or(ApiError::NotFound)
+}
+
+/// A store failure: logged; the client sees a 500.
+fn store_error(e: StoreError) -> ApiError {
+    tracing::error!(error = %e, "job store failed");
+    ApiError::Internal
+}
+
+/// Validates a run body and stores it as `owner`'s queued job; answers its id.
+pub async fn submit_body(state: &AppState, owner: &Owner, headers: &HeaderMap, body: Body) -> Result<String, ApiError> {
+    let store = store(state)?;
+    if state.draining() {
+        return Err(ApiError::ShuttingDown);
+    }
+    let (body, reservation) = read_body(state, headers, body).await?;
+    let config = state.config().clone();
+    let stored: StoredRequest = state.inner.admission.decode(move || validate_job_body(&body, &config)).await?;
+    drop(reservation);
+    let id = crate::jobs::new_id();
+    store.submit(&id, Some(owner.id()), &stored, now_ms()).await.map_err(store_error)?;
+    Ok(id)
+}
+
+/// `owner`'s job `id`; 404 if there is none, or it is another owner's.
+pub async fn find(state: &AppState, owner: &Owner, id: &str) -> Result<JobRecord, ApiError> {
+    let record = store(state)?.get(id).await.map_err(store_error)?;
+    record.filter(|r| owner.owns(r.owner.as_deref())).ok_or_else(|| ApiError::UnknownJob(id.into()))
+}
+
+/// Deletes `owner`'s job `id` (cancelling it if it waits or runs); answers what it was.
+pub async fn delete(state: &AppState, owner: &Owner, id: &str) -> Result<Value, ApiError> {
+    let status = match store(state)?.delete(id, owner.id(), owner.is_anonymous()).await.map_err(store_error)? {
+        Some(Status::Queued | Status::Running) => "cancelled",
+        Some(Status::Done | Status::Failed) => "deleted",
+        None => return Err(ApiError::UnknownJob(id.into())),
+    };
+    Ok(json!({ "id": id, "status": status }))
+}
+
+/// The Workers AI poll: the PNG once done, the stored error if it failed, else
+/// `{"result": {"status", "request_id"}}` in the success envelope.
+pub async fn poll(state: &AppState, owner: &Owner, id: &str) -> Result<Response, ApiError> {
+    let record = find(state, owner, id).await?;
+    match record.status {
+        Status::Done | Status::Failed => finished_image(state, &record).await,
+        Status::Queued | Status::Running => {
+            Ok(Json(queued_envelope(&record.id, record.status.as_str())).into_response())
+        }
+    }
+}
+
+/// The Workers AI answer to `?queueRequest=true` (and to a poll of an unfinished job).
+pub fn queued_envelope(id: &str, status: &str) -> Value {
+    json!({
+        "result": { "status": status, "request_id": id },
+        "success": true,
+        "errors": [],
+        "messages": [],
+    })
+}
+
+/// A run route body that is exactly `{"request_id": "…"}`: a poll, not a generation.
+pub fn poll_request(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Poll {
+        request_id: String,
+    }
+    // a poll is tiny; a generation request is never parsed twice
+    (body.len() <= 1024).then(|| serde_json::from_slice::<Poll>(body).ok()).flatten().map(|p| p.request_id)
+}
+
+/// A done job's PNG (with its seed), a failed job's stored error, else 409.
+pub async fn finished_image(state: &AppState, record: &JobRecord) -> Result<Response, ApiError> {
+    match (record.status, &record.error) {
+        (Status::Done, _) => {
+            let png = store(state)?.image(&record.id).await.map_err(store_error)?;
+            // deleted between the two reads (its TTL ran out)
+            let png = png.ok_or_else(|| ApiError::UnknownJob(record.id.clone()))?;
+            let mut response = png.into_response();
+            let headers = response.headers_mut();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
+            headers.insert("x-seed", HeaderValue::from(record.seed));
+            Ok(response)
+        }
+        (Status::Failed, Some(error)) => Ok(stored_error(error)),
+        (status, _) => Err(ApiError::NotReady(record.id.clone(), status.as_str())),
+    }
+}
+
+/// A failed job's error, answered as the synchronous route would have.
+fn stored_error(error: &JobError) -> Response {
+    let status = StatusCode::from_u16(error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = json!({
+        "result": null,
+        "success": false,
+        "errors": [{ "code": error.code, "message": error.message }],
+        "messages": [],
+    });
+    (status, Json(body)).into_response()
+}
+
+pub fn record_json(record: &JobRecord) -> Value {
+    json!({
+        "id": record.id,
+        "status": record.status.as_str(),
+        "position": record.position,
+        "step": record.step,
+        "total": record.total,
+        // a string: JavaScript numbers lose seeds above 2^53
+        "seed": record.seed.to_string(),
+        "attempts": record.attempts,
+        "created_at": record.created_at,
+        "started_at": record.started_at,
+        "finished_at": record.finished_at,
+        "error": record.error.as_ref().map(|e| json!({ "code": e.code, "message": e.message })),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_lone_request_id_is_a_poll() {
+        assert_eq!(poll_request(br#"{"request_id": "abc"}"#), Some("abc".into()));
+        assert_eq!(poll_request(br#"{"request_id": "abc", "prompt": "x"}"#), None);
+        assert_eq!(poll_request(br#"{"prompt": "x"}"#), None);
+        assert_eq!(poll_request(b"not json"), None);
+    }
+}
