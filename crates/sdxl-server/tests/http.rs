@@ -227,7 +227,8 @@ async fn a_client_that_trickles_its_headers_is_cut_off() {
     let state = AppState::new(queue, config.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    tokio::spawn(sdxl_server::serve(listener, app(state), config.header_read_timeout, std::future::pending()));
+    let limits = sdxl_server::ConnectionLimits::from(&config);
+    tokio::spawn(sdxl_server::serve(listener, app(state), limits, std::future::pending()));
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     stream.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n").await.unwrap();
     let started = Instant::now();
