@@ -238,7 +238,7 @@ async fn beyond_the_cap_health_checks_are_answered_and_work_is_refused() {
         assert_eq!(response.status(), StatusCode::OK, "{path}");
     }
 
-    let body = json!({"prompt": "refused", "num_steps": 1, "width": 64, "height": 64});
+    let body = json!({"prompt": "refused", "num_steps": 1, "width": 256, "height": 256});
     let refused = reqwest::Client::new().post(server.url(RUN)).json(&body).send().await.unwrap();
     assert_eq!(refused.headers()["retry-after"], "1");
     assert_eq!(refused.headers()["connection"], "close");
@@ -377,7 +377,7 @@ async fn shutdown_closes_idle_connections_and_lets_a_running_request_finish() {
     let mut silent = server.connect().await;
     let mut idle = server.connect().await;
     assert_eq!(get(&mut idle, "/health").await.status, 200);
-    let body = json!({"prompt": "finish", "num_steps": 5, "width": 64, "height": 64});
+    let body = json!({"prompt": "finish", "num_steps": 5, "width": 256, "height": 256});
     let running = tokio::spawn(reqwest::Client::new().post(server.url(RUN)).json(&body).send());
     let busy = tokio::time::timeout(SLACK, async {
         while !server.state.queue().busy() {
