@@ -51,20 +51,17 @@ impl Admission {
         }
     }
 
-    /// Reads `body` whole within `timeout`: 413 past `limit` bytes (at once when the declared
-    /// length says so), 408 when it has not all arrived in time, 429 when the budget stays
+    /// Reads `body` whole within `timeout`: 413 once more than `limit` bytes arrived (read up
+    /// to there even when the declared length is larger, so that the client, still sending,
+    /// gets to read the answer), 408 when it has not all arrived in time, 429 when the budget stays
     /// spent until then. The reservation comes back with the bytes: keep it while they are
     /// parsed.
     pub async fn read_body(
         &self,
         body: Body,
-        declared: Option<usize>,
         limit: usize,
         timeout: Duration,
     ) -> Result<(Bytes, Reservation), ApiError> {
-        if declared.is_some_and(|length| length > limit) {
-            return Err(ApiError::PayloadTooLarge(limit));
-        }
         let deadline = Instant::now() + timeout;
         let mut reservation = self.reserve(None, 1, deadline).await?;
         let mut body = body;
@@ -148,7 +145,7 @@ mod tests {
         for _ in 0..2 {
             let (body, tx) = trickled(3 * UNIT / 2);
             let admission = admission.clone();
-            uploads.push((tokio::spawn(async move { admission.read_body(body, None, 4 * UNIT, long).await }), tx));
+            uploads.push((tokio::spawn(async move { admission.read_body(body, 4 * UNIT, long).await }), tx));
         }
         tokio::time::timeout(long, async {
             while admission.body_units.available_permits() > 2 {
@@ -159,7 +156,7 @@ mod tests {
         .unwrap();
         assert_eq!(admission.body_units.available_permits(), 2, "each holds twice what it sent");
         let started = std::time::Instant::now();
-        let (small, held) = admission.read_body(Body::from("{\"prompt\":\"x\"}"), Some(14), 4 * UNIT, long).await.unwrap();
+        let (small, held) = admission.read_body(Body::from("{\"prompt\":\"x\"}"), 4 * UNIT, long).await.unwrap();
         assert_eq!(&small[..], b"{\"prompt\":\"x\"}");
         assert!(started.elapsed() < Duration::from_secs(1), "not behind the uploads");
         drop(held);
@@ -180,19 +177,17 @@ mod tests {
     async fn limits_and_deadlines() {
         let admission = Admission::new(4 * UNIT, 2 * UNIT, 1);
         let short = Duration::from_millis(100);
-        let too_long = admission.read_body(Body::from(vec![0; 10]), Some(3 * UNIT), 2 * UNIT, short).await;
-        assert!(matches!(too_long, Err(ApiError::PayloadTooLarge(_))), "refused on its declared length");
-        let undeclared = admission.read_body(Body::from(vec![0; 2 * UNIT + 1]), None, 2 * UNIT, short).await;
+        let undeclared = admission.read_body(Body::from(vec![0; 2 * UNIT + 1]), 2 * UNIT, short).await;
         assert!(matches!(undeclared, Err(ApiError::PayloadTooLarge(_))));
         let (stalled, _tx) = trickled(10);
-        let late = admission.read_body(stalled, None, 2 * UNIT, short).await;
+        let late = admission.read_body(stalled, 2 * UNIT, short).await;
         assert!(matches!(late, Err(ApiError::Timeout)));
         // the budget spent by one body: another gets 429 at its deadline
         let admission = Arc::new(admission);
         let (held_body, held_tx) = trickled(2 * UNIT - 10);
         let holder = {
             let admission = admission.clone();
-            tokio::spawn(async move { admission.read_body(held_body, None, 2 * UNIT, Duration::from_secs(30)).await })
+            tokio::spawn(async move { admission.read_body(held_body, 2 * UNIT, Duration::from_secs(30)).await })
         };
         tokio::time::timeout(Duration::from_secs(30), async {
             while admission.body_units.available_permits() > 0 {
@@ -201,7 +196,7 @@ mod tests {
         })
         .await
         .unwrap();
-        let busy = admission.read_body(Body::from("{}"), Some(2), 2 * UNIT, short).await;
+        let busy = admission.read_body(Body::from("{}"), 2 * UNIT, short).await;
         assert!(matches!(busy, Err(ApiError::BodiesBusy)));
         drop(held_tx);
         let (_, reservation) = holder.await.unwrap().unwrap();

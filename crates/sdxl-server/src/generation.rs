@@ -34,9 +34,8 @@ pub struct Generation {
 /// reservation while the bytes are parsed.
 pub async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<(Bytes, Reservation), ApiError> {
     let config = state.config();
-    let declared =
-        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
-    state.inner.admission.read_body(body, declared, config.body_limit, config.body_read_timeout).await
+    let _ = headers; // the length is counted as the bytes arrive, whatever is declared
+    state.inner.admission.read_body(body, config.body_limit, config.body_read_timeout).await
 }
 
 /// A run-route body (read and reserved) → a [`Generation`], decoded on the blocking pool;
