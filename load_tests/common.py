@@ -32,7 +32,8 @@ def free_port():
 class Server:
     """`sdxl serve --test-backend-step-ms STEP_MS` on 127.0.0.1, stderr to a log file."""
 
-    def __init__(self, step_ms, queue_capacity=4, extra=(), name="server"):
+    def __init__(self, step_ms, queue_capacity=4, extra=(), name="server", prefix=()):
+        """`prefix`: a command to run the server under (e.g. `prlimit --nofile=256:256`)."""
         self.port = free_port()
         RESULTS.mkdir(parents=True, exist_ok=True)
         self.log_path = RESULTS / f"{name}.log"
@@ -40,7 +41,7 @@ class Server:
         self.data_dir = RESULTS / f"{name}-data"
         shutil.rmtree(self.data_dir, ignore_errors=True)
         args = [
-            str(BINARY), "serve", "--host", "127.0.0.1", "--port", str(self.port),
+            *prefix, str(BINARY), "serve", "--host", "127.0.0.1", "--port", str(self.port),
             "--data-dir", str(self.data_dir),
             "--test-backend-step-ms", str(step_ms), "--queue-capacity", str(queue_capacity),
             *extra,

@@ -17,7 +17,7 @@ cargo build --locked -p sdxl-cli --features test-backend
 export SDXL_BIN="${SDXL_BIN:-$PWD/target/debug/sdxl}"
 
 status=0
-for test in overload faults hostile; do
+for test in overload faults hostile connections; do
   python3 load_tests/$test.py || status=1
 done
 # the shared-server test drives the real OpenAI and Cloudflare SDKs, pinned, in a venv
