@@ -126,6 +126,8 @@ async fn get(stream: &mut TcpStream, path: &str) -> Raw {
     read_response(stream).await
 }
 
+/// `opened` is taken before connecting: the server's clock starts at accept, which may come
+/// before `connect()` returns here.
 fn assert_closed_between(opened: Instant, closed: Instant, from: Duration, what: &str) {
     let took = closed - opened;
     assert!(took >= from, "{what}: closed after {took:?}, before its {from:?}");
@@ -138,8 +140,8 @@ fn assert_closed_between(opened: Instant, closed: Instant, from: Duration, what:
 async fn a_silent_connection_is_closed_after_the_header_timeout() {
     let header = Duration::from_millis(300);
     let server = start(limits(header, Duration::from_secs(30)), fast_backend()).await;
-    let mut stream = server.connect().await;
     let opened = Instant::now();
+    let mut stream = server.connect().await;
     let (closed, received) = until_closed(&mut stream, header + SLACK).await;
     assert_closed_between(opened, closed, header, "silent");
     assert!(received.is_empty(), "{received:?}");
@@ -149,8 +151,8 @@ async fn a_silent_connection_is_closed_after_the_header_timeout() {
 async fn a_partial_http2_preface_is_closed_after_the_header_timeout() {
     let header = Duration::from_millis(300);
     let server = start(limits(header, Duration::from_secs(30)), fast_backend()).await;
-    let mut stream = server.connect().await;
     let opened = Instant::now();
+    let mut stream = server.connect().await;
     stream.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
     let (closed, _) = until_closed(&mut stream, header + SLACK).await;
     assert_closed_between(opened, closed, header, "partial preface");
@@ -160,8 +162,8 @@ async fn a_partial_http2_preface_is_closed_after_the_header_timeout() {
 async fn an_http2_client_that_sends_no_headers_frame_is_closed_after_the_header_timeout() {
     let header = Duration::from_millis(300);
     let server = start(limits(header, Duration::from_secs(30)), fast_backend()).await;
-    let mut stream = server.connect().await;
     let opened = Instant::now();
+    let mut stream = server.connect().await;
     // the whole preface and an empty SETTINGS frame, then nothing
     stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
     let (closed, received) = until_closed(&mut stream, header + SLACK).await;
@@ -173,8 +175,8 @@ async fn an_http2_client_that_sends_no_headers_frame_is_closed_after_the_header_
 async fn a_first_request_head_that_never_ends_is_closed_after_the_header_timeout() {
     let header = Duration::from_millis(300);
     let server = start(limits(header, Duration::from_secs(30)), fast_backend()).await;
-    let mut stream = server.connect().await;
     let opened = Instant::now();
+    let mut stream = server.connect().await;
     stream.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n").await.unwrap();
     let (closed, received) = until_closed(&mut stream, header + SLACK).await;
     assert_closed_between(opened, closed, header, "unfinished head");
