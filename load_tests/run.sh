@@ -20,12 +20,9 @@ status=0
 for test in overload faults hostile connections; do
   python3 load_tests/$test.py || status=1
 done
-# the shared-server test drives the real OpenAI and Cloudflare SDKs, pinned, in a venv
-clients=target/clients-venv
-if ! "$clients/bin/python" -c 'import openai, cloudflare' 2>/dev/null; then
-  python3 -m venv "$clients"
-  "$clients/bin/pip" install -q --disable-pip-version-check openai==3.57.0 cloudflare==5.9.0
-fi
-"$clients/bin/python" load_tests/sharing.py || status=1
+# the shared-server test drives the real OpenAI and Cloudflare SDKs, pinned, in the venv the
+# client tests use (clients_tests/requirements.txt)
+bash clients_tests/venv.sh
+target/clients-venv/bin/python load_tests/sharing.py || status=1
 python3 load_tests/soak.py --seconds "${SOAK_SECONDS:-600}" || status=1
 exit $status

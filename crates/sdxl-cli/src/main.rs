@@ -1,6 +1,7 @@
 //! `sdxl`: the command-line front end.
 
 mod bench;
+mod defaults;
 mod device;
 mod download;
 mod generate;

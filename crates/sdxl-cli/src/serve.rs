@@ -10,9 +10,11 @@ use anyhow::Context;
 use clap::Args;
 use sdxl_engine::queue::{PipelineBackend, Queue, QueueConfig};
 use sdxl_server::jobs::runner::{self, RunnerConfig};
+use sdxl_server::config::ModelFiles;
 use sdxl_server::{app, AppState, ServerConfig};
 use tokio::sync::Notify;
 
+use crate::defaults;
 use crate::model_args::ModelArgs;
 
 #[derive(Debug, Args)]
@@ -59,15 +61,25 @@ pub struct ServeArgs {
     /// server's own origin) always works.
     #[arg(long = "cors-origin", env = "SDXL_CORS_ORIGINS", value_delimiter = ',', value_name = "ORIGIN")]
     cors_origins: Vec<String>,
-    /// Seconds a request may spend waiting plus generating before it fails with 408.
-    #[arg(long, env = "SDXL_REQUEST_TIMEOUT", default_value_t = 300)]
-    request_timeout: u64,
-    /// `num_steps` for requests that give none (1-20).
-    #[arg(long, env = "SDXL_DEFAULT_STEPS", default_value_t = 20)]
-    default_steps: usize,
-    /// `guidance` for requests that give none (0-30).
-    #[arg(long, env = "SDXL_DEFAULT_GUIDANCE", default_value_t = 7.5)]
-    default_guidance: f64,
+    /// Seconds a request may spend waiting plus generating before it fails with 408 (long
+    /// work belongs on /v1/jobs). Default: 300 on a GPU; on the CPU twice the time of a
+    /// default request at 1024² on 2 cores (440 s for 4 steps), at least 300.
+    #[arg(long, env = "SDXL_REQUEST_TIMEOUT", value_name = "SECONDS")]
+    request_timeout: Option<u64>,
+    /// `num_steps` for requests that give none (1-20). Default: N for a Lightning N-step
+    /// model (ByteDance's file names: the UNet, checkpoint or a LoRA), else 20.
+    #[arg(long, env = "SDXL_DEFAULT_STEPS", value_name = "N")]
+    default_steps: Option<usize>,
+    /// `guidance` for requests that give none (0-30). Default: 0 for a Lightning model, else 7.5.
+    #[arg(long, env = "SDXL_DEFAULT_GUIDANCE", value_name = "SCALE")]
+    default_guidance: Option<f64>,
+    /// The model id `GET /v1/models` lists (default: the model's name, as in the PNGs).
+    #[arg(long, env = "SDXL_MODEL_ID")]
+    model_id: Option<String>,
+    /// This server's address as clients reach it (`https://images.example`), for the links of
+    /// images answered with `response_format: "url"`. Default: `http://` + the request's Host.
+    #[arg(long, env = "SDXL_PUBLIC_URL", value_name = "URL")]
+    public_url: Option<String>,
     /// Largest width × height accepted.
     #[arg(long, env = "SDXL_MAX_PIXELS")]
     max_pixels: Option<usize>,
@@ -119,11 +131,11 @@ pub struct ServeArgs {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     crate::init_logging("info");
-    if !(1..=20).contains(&args.default_steps) {
-        anyhow::bail!("`--default-steps` must be between 1 and 20, got {}", args.default_steps);
+    if let Some(steps) = args.default_steps.filter(|s| !(1..=20).contains(s)) {
+        anyhow::bail!("`--default-steps` must be between 1 and 20, got {steps}");
     }
-    if !args.default_guidance.is_finite() || !(0.0..=30.0).contains(&args.default_guidance) {
-        anyhow::bail!("`--default-guidance` must be between 0 and 30, got {}", args.default_guidance);
+    if let Some(guidance) = args.default_guidance.filter(|g| !g.is_finite() || !(0.0..=30.0).contains(g)) {
+        anyhow::bail!("`--default-guidance` must be between 0 and 30, got {guidance}");
     }
     let queue_per_key = args.queue_per_key.unwrap_or((args.queue_capacity / 2).max(1));
     if queue_per_key == 0 {
@@ -132,19 +144,33 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let queue_config = QueueConfig { capacity: args.queue_capacity, owner_share: queue_per_key };
     let mut allowed_hosts = args.allowed_hosts.clone();
     allowed_hosts.push(args.host.clone());
-    let (queue, model, model_name) = start_queue(&args, queue_config)?;
+    let Loaded { queue, model, model_name, model_files, lightning, on_gpu } = start_queue(&args, queue_config)?;
+    let (default_steps, default_guidance) =
+        defaults::steps_and_guidance((args.default_steps, args.default_guidance), lightning);
+    let request_timeout =
+        args.request_timeout.map_or_else(|| defaults::request_timeout(default_steps, on_gpu), Duration::from_secs);
+    tracing::info!(
+        lightning_steps = lightning,
+        default_steps,
+        default_guidance,
+        request_timeout_s = request_timeout.as_secs(),
+        "request defaults"
+    );
     let config = ServerConfig {
         api_keys: args.api_keys.clone(),
-        default_steps: args.default_steps,
-        default_guidance: args.default_guidance,
+        default_steps,
+        default_guidance,
         max_pixels: args.max_pixels,
-        request_timeout: Duration::from_secs(args.request_timeout),
+        request_timeout,
         header_read_timeout: Duration::from_secs(args.header_read_timeout),
         body_read_timeout: Duration::from_secs(args.body_read_timeout),
         idle_timeout: Duration::from_secs(args.idle_timeout),
         write_timeout: Duration::from_secs(args.write_timeout),
         max_connections: args.max_connections.unwrap_or_else(sdxl_server::default_max_connections),
         model_name,
+        model_files,
+        model_id: args.model_id.clone(),
+        public_url: args.public_url.clone(),
         allowed_hosts,
         cors_origins: args.cors_origins.clone(),
         ..ServerConfig::default()
@@ -206,14 +232,30 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// A started worker and what the defaults depend on.
+struct Loaded {
+    queue: Queue,
+    /// The model's path, for the log.
+    model: PathBuf,
+    /// Its name for the PNG parameters and the model lists.
+    model_name: String,
+    model_files: ModelFiles,
+    /// The steps of a Lightning distillation, if the files loaded are one.
+    lightning: Option<usize>,
+    on_gpu: bool,
+}
+
 /// Loads the model (downloading SDXL-Lightning first without `--model`) and starts its
-/// worker; returns the queue, the model's path and its name for the PNG parameters.
-fn start_queue(args: &ServeArgs, config: QueueConfig) -> anyhow::Result<(Queue, PathBuf, String)> {
+/// worker.
+fn start_queue(args: &ServeArgs, config: QueueConfig) -> anyhow::Result<Loaded> {
     #[cfg(feature = "test-backend")]
     if let Some(ms) = args.test_backend_step_ms {
         let backend = sdxl_engine::test_backend::DelayBackend { step: Duration::from_millis(ms) };
-        let description = PathBuf::from(format!("test backend, {ms} ms per step"));
-        return Ok((Queue::start(backend, config), description, "test-backend".into()));
+        let model = PathBuf::from(format!("test backend, {ms} ms per step"));
+        let queue = Queue::start(backend, config);
+        let model_name = "test-backend".into();
+        let model_files = ModelFiles::default();
+        return Ok(Loaded { queue, model, model_name, model_files, lightning: None, on_gpu: false });
     }
     let (model, downloaded_unet) = match &args.model {
         Some(path) => (path.clone(), None),
@@ -226,15 +268,24 @@ fn start_queue(args: &ServeArgs, config: QueueConfig) -> anyhow::Result<(Queue, 
     };
     let mut overrides = args.model_args.overrides();
     overrides.unet = overrides.unet.or(downloaded_unet);
-    let name = crate::model_args::model_name(&model, overrides.unet.as_deref());
+    let model_name = crate::model_args::model_name(&model, overrides.unet.as_deref());
+    let weights = overrides.unet.iter().chain([&model]).chain(overrides.loras.iter().map(|l| &l.path));
+    let lightning = defaults::lightning_steps_of(weights.map(PathBuf::as_path));
     let pipeline = args.model_args.load_with(&model, &overrides)?;
     let device = pipeline.device();
+    let on_gpu = !device.is_cpu();
     tracing::info!(
         device = sdxl_engine::model::device_name(device),
         dtype = ?args.model_args.dtype_on(device),
         "model loaded"
     );
-    Ok((Queue::start(PipelineBackend(pipeline), config), model, name))
+    let queue = Queue::start(PipelineBackend(pipeline), config);
+    let model_files = ModelFiles {
+        model: Some(overrides.unet.clone().unwrap_or_else(|| model.clone())),
+        vae: overrides.vae.clone(),
+        loras: overrides.loras.iter().map(|l| l.path.clone()).collect(),
+    };
+    Ok(Loaded { queue, model, model_name, model_files, lightning, on_gpu })
 }
 
 /// Serves until a signal, then drains: the HTTP server finishes its requests and the job

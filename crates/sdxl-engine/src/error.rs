@@ -6,6 +6,10 @@ pub enum Error {
     /// A request field is out of range or malformed; the message names the field and bound.
     #[error("{0}")]
     InvalidRequest(String),
+    /// A request field outside its bound: the field, the bound (`"between 1 and 20"`) and the
+    /// value sent, for front ends to report in their own terms.
+    #[error("`{field}` must be {bound}, got {got}")]
+    OutOfBounds { field: String, bound: String, got: String },
     /// The model directory is incomplete or inconsistent.
     #[error("model {dir}: {message}")]
     Model { dir: std::path::PathBuf, message: String },

@@ -45,6 +45,47 @@ pub fn decode_rgb(bytes: &[u8], field: &str) -> Result<RgbImage> {
     Ok(RgbImage { width, height, pixels: rgb.into_raw() })
 }
 
+/// How a client's mask marks the area to repaint, where it differs from this engine's white.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaskMarks {
+    /// Black repaints (AUTOMATIC1111's `inpainting_mask_invert`).
+    Black,
+    /// Fully transparent pixels repaint (OpenAI's edits); the mask must have an alpha channel.
+    Transparent,
+}
+
+/// A client's mask re-encoded in this engine's convention, as PNG bytes for
+/// [`crate::RawRequest::mask`]: inverted for [`MaskMarks::Black`] (every channel, so gray
+/// conversion inverts too), white where alpha is 0 and black elsewhere for
+/// [`MaskMarks::Transparent`].
+pub fn convert_mask(bytes: &[u8], field: &str, marks: MaskMarks) -> Result<Vec<u8>> {
+    let decoded = decode(bytes, field)?;
+    let converted = match marks {
+        MaskMarks::Black => {
+            let mut rgb = decoded.to_rgb8();
+            rgb.pixels_mut().for_each(|p| p.0 = p.0.map(|c| 255 - c));
+            DynamicImage::ImageRgb8(rgb)
+        }
+        MaskMarks::Transparent => {
+            if !decoded.color().has_alpha() {
+                return Err(Error::InvalidRequest(format!(
+                    "`{field}` must have an alpha channel: its fully transparent pixels mark what to edit"
+                )));
+            }
+            let rgba = decoded.to_rgba8();
+            let gray = image::GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+                image::Luma([if rgba.get_pixel(x, y).0[3] == 0 { 255 } else { 0 }])
+            });
+            DynamicImage::ImageLuma8(gray)
+        }
+    };
+    let mut png = Vec::new();
+    converted
+        .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| Error::Encode(e.to_string()))?;
+    Ok(png)
+}
+
 /// A mask in gray, as PIL's `convert("L")` computes it (ITU-R 601-2 luma in 16-bit fixed
 /// point), so a colour mask binarises exactly as diffusers binarises it. diffusers resizes a
 /// mask in its own mode and converts it afterwards, so call this after [`resize_rgb`].
@@ -132,5 +173,25 @@ mod tests {
             }
         }
         !crc
+    }
+
+    #[test]
+    fn masks_convert_to_white_means_repaint() {
+        let encode = |image: DynamicImage| {
+            let mut png = Vec::new();
+            image.write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+            png
+        };
+        let gray_of = |png: &[u8]| decode_rgb(png, "m").map(|rgb| to_gray(&rgb).pixels).unwrap();
+        // transparent (alpha 0) is the edit area, whatever its colour
+        let rgba = image::RgbaImage::from_fn(2, 1, |x, _| image::Rgba(if x == 0 { [9, 9, 9, 0] } else { [0, 0, 0, 255] }));
+        let png = convert_mask(&encode(DynamicImage::ImageRgba8(rgba)), "mask", MaskMarks::Transparent).unwrap();
+        assert_eq!(gray_of(&png), vec![255, 0]);
+        let opaque = encode(DynamicImage::ImageRgb8(image::RgbImage::new(2, 1)));
+        let err = convert_mask(&opaque, "mask", MaskMarks::Transparent).unwrap_err();
+        assert!(err.to_string().contains("`mask` must have an alpha channel"), "{err}");
+        let black_white = image::RgbImage::from_fn(2, 1, |x, _| image::Rgb(if x == 0 { [0; 3] } else { [255; 3] }));
+        let png = convert_mask(&encode(DynamicImage::ImageRgb8(black_white)), "mask", MaskMarks::Black).unwrap();
+        assert_eq!(gray_of(&png), vec![255, 0]);
     }
 }

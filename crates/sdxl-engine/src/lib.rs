@@ -10,6 +10,7 @@ pub mod images;
 pub mod inspect;
 pub mod metric_names;
 pub mod model;
+pub mod output;
 pub mod png;
 pub mod preview;
 pub mod queue;

@@ -110,22 +110,14 @@ impl GenerateRequest {
         for (field, text) in [("prompt", Some(&raw.prompt)), ("negative_prompt", raw.negative_prompt.as_ref())] {
             let chars = text.map_or(0, |t| t.chars().count());
             if chars > MAX_PROMPT_CHARS {
-                return Err(Error::InvalidRequest(format!(
-                    "`{field}` must be at most {MAX_PROMPT_CHARS} characters long, got {chars}"
-                )));
+                return Err(out_of_bounds(field, format!("at most {MAX_PROMPT_CHARS} characters long"), chars));
             }
         }
         if !(1..=limits.max_steps).contains(&raw.steps) {
-            return Err(Error::InvalidRequest(format!(
-                "`{}` must be between 1 and {}, got {}",
-                limits.steps_field, limits.max_steps, raw.steps
-            )));
+            return Err(out_of_bounds(limits.steps_field, format!("between 1 and {}", limits.max_steps), raw.steps));
         }
         if !raw.guidance.is_finite() || !(0.0..=limits.max_guidance).contains(&raw.guidance) {
-            return Err(Error::InvalidRequest(format!(
-                "`guidance` must be between 0 and {}, got {}",
-                limits.max_guidance, raw.guidance
-            )));
+            return Err(out_of_bounds("guidance", format!("between 0 and {}", limits.max_guidance), raw.guidance));
         }
         let source = parse_source(&raw, limits.steps_field)?;
         // Sizes default to the input image's, clamped into range, else to the default.
@@ -138,10 +130,7 @@ impl GenerateRequest {
             if (limits.min_side..=limits.max_side).contains(&value) {
                 Ok(value)
             } else {
-                Err(Error::InvalidRequest(format!(
-                    "`{field}` must be between {} and {}, got {value}",
-                    limits.min_side, limits.max_side
-                )))
+                Err(out_of_bounds(field, format!("between {} and {}", limits.min_side, limits.max_side), value))
             }
         };
         Ok(Self {
@@ -157,6 +146,11 @@ impl GenerateRequest {
     }
 }
 
+/// [`Error::OutOfBounds`] for `field`.
+fn out_of_bounds(field: &str, bound: String, got: impl std::fmt::Display) -> Error {
+    Error::OutOfBounds { field: field.into(), bound, got: got.to_string() }
+}
+
 /// Decodes the input image and mask and checks the strength against the step count.
 fn parse_source(raw: &RawRequest, steps_field: &str) -> Result<Option<SourceImage>> {
     let Some(image_bytes) = &raw.image else {
@@ -167,7 +161,7 @@ fn parse_source(raw: &RawRequest, steps_field: &str) -> Result<Option<SourceImag
     };
     let strength = raw.strength.unwrap_or(1.0);
     if !strength.is_finite() || !(0.0..=1.0).contains(&strength) {
-        return Err(Error::InvalidRequest(format!("`strength` must be between 0 and 1, got {strength}")));
+        return Err(out_of_bounds("strength", "between 0 and 1".into(), strength));
     }
     // diffusers runs the last min(int(steps · strength), steps) timesteps
     if ((raw.steps as f64) * strength) as usize == 0 {

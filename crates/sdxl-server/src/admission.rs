@@ -67,7 +67,7 @@ impl Admission {
         let mut body = body;
         let mut bytes = Vec::new();
         loop {
-            let frame = tokio::time::timeout_at(deadline, body.frame()).await.map_err(|_| ApiError::Timeout)?;
+            let frame = tokio::time::timeout_at(deadline, body.frame()).await.map_err(|_| ApiError::BodyTimeout)?;
             let Some(frame) = frame else { break };
             let frame = frame.map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
             let Ok(data) = frame.into_data() else { continue }; // trailers
@@ -181,7 +181,7 @@ mod tests {
         assert!(matches!(undeclared, Err(ApiError::PayloadTooLarge(_))));
         let (stalled, _tx) = trickled(10);
         let late = admission.read_body(stalled, 2 * UNIT, short).await;
-        assert!(matches!(late, Err(ApiError::Timeout)));
+        assert!(matches!(late, Err(ApiError::BodyTimeout)));
         // the budget spent by one body: another gets 429 at its deadline
         let admission = Arc::new(admission);
         let (held_body, held_tx) = trickled(2 * UNIT - 10);

@@ -1,5 +1,6 @@
 //! Settings of a running server.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// What `sdxl serve` was started with.
@@ -32,12 +33,38 @@ pub struct ServerConfig {
     /// Connections served at once; default [`crate::default_max_connections`], from the
     /// open-file limit. A few more get only the health checks.
     pub max_connections: usize,
-    /// The model's name in the parameters written into every PNG.
+    /// The model's name in the parameters written into every PNG, and in the model lists of
+    /// the OpenAI and AUTOMATIC1111 APIs.
     pub model_name: String,
+    /// The files the model was loaded from, for the AUTOMATIC1111 model lists.
+    pub model_files: ModelFiles,
+    /// The id `GET /v1/models` answers (default: `model_name`).
+    pub model_id: Option<String>,
+    /// The server's address as clients reach it (`https://images.example`), for the URLs of
+    /// images answered by URL; default `http://` and the request's `Host`.
+    pub public_url: Option<String>,
     /// Host names accepted in `Host` besides IP addresses and loopback names (`*`: any).
     pub allowed_hosts: Vec<String>,
     /// Browser origins allowed to call the API (CORS); the server's own is always allowed.
     pub cors_origins: Vec<String>,
+}
+
+/// Where the loaded model's parts came from.
+#[derive(Debug, Clone, Default)]
+pub struct ModelFiles {
+    /// The model (a diffusers directory or a checkpoint file).
+    pub model: Option<PathBuf>,
+    /// `--vae`, if it replaced the model's.
+    pub vae: Option<PathBuf>,
+    /// The LoRAs fused in.
+    pub loras: Vec<PathBuf>,
+}
+
+impl ServerConfig {
+    /// The model id of the OpenAI API.
+    pub fn model_id(&self) -> &str {
+        self.model_id.as_deref().unwrap_or(&self.model_name)
+    }
 }
 
 impl Default for ServerConfig {
@@ -57,6 +84,9 @@ impl Default for ServerConfig {
             write_timeout: Duration::from_secs(30),
             max_connections: crate::default_max_connections(),
             model_name: "sdxl".into(),
+            model_files: ModelFiles::default(),
+            model_id: None,
+            public_url: None,
             allowed_hosts: Vec::new(),
             cors_origins: Vec::new(),
         }

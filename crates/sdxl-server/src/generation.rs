@@ -7,8 +7,9 @@
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
-use axum::http::{header, HeaderMap, HeaderValue};
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
+use sdxl_engine::output::OutputFormat;
 use sdxl_engine::queue::{Completed, Submission};
 use sdxl_engine::{GenerateRequest, Limits, NoiseSource, RawRequest, Ticket};
 use sdxl_models::pixels::RgbImage;
@@ -32,9 +33,8 @@ pub struct Generation {
 /// 413 past the body limit, 408 if it has not wholly arrived within the body-read timeout
 /// (the whole body, not the pauses between its pieces, so a trickle is cut off too). Keep the
 /// reservation while the bytes are parsed.
-pub async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<(Bytes, Reservation), ApiError> {
+pub async fn read_body(state: &AppState, body: Body) -> Result<(Bytes, Reservation), ApiError> {
     let config = state.config();
-    let _ = headers; // the length is counted as the bytes arrive, whatever is declared
     state.inner.admission.read_body(body, config.body_limit, config.body_read_timeout).await
 }
 
@@ -61,6 +61,18 @@ impl Generation {
     }
 }
 
+/// An API's request in the engine's terms → a [`Generation`], validated (input images decoded)
+/// on the blocking pool like a run-route body.
+pub async fn validate_raw(
+    state: &AppState,
+    raw: RawRequest,
+    seed: u64,
+    limits: &'static Limits,
+) -> Result<Generation, ApiError> {
+    let config = state.config().clone();
+    state.inner.admission.decode(move || Ok(Generation::new(parse_raw_with(raw, &config, limits)?, seed, &config))).await
+}
+
 /// A run route's body → the engine's validated request (input images decoded) and its seed,
 /// with `config`'s defaults and limits in force. Everything a client controls goes through
 /// here, so this is what the fuzz target drives.
@@ -79,7 +91,12 @@ pub fn validate_job_body(body: &[u8], config: &ServerConfig) -> Result<StoredReq
 
 /// The engine's raw request → its validated form, with the operator's pixel cap.
 pub fn parse_raw(raw: RawRequest, config: &ServerConfig) -> Result<GenerateRequest, ApiError> {
-    let request = GenerateRequest::parse(raw, &Limits::SERVER).map_err(ApiError::from_engine)?;
+    parse_raw_with(raw, config, &Limits::SERVER)
+}
+
+/// [`parse_raw`] within an API's own `limits`.
+pub fn parse_raw_with(raw: RawRequest, config: &ServerConfig, limits: &Limits) -> Result<GenerateRequest, ApiError> {
+    let request = GenerateRequest::parse(raw, limits).map_err(ApiError::from_engine)?;
     check_pixels(&request, config.max_pixels)?;
     Ok(request)
 }
@@ -146,7 +163,13 @@ pub async fn execute(state: &AppState, owner: &Owner, request: GenerateRequest) 
 /// The PNG of a generated image, with its generation `parameters` in a text chunk; encoded
 /// on the blocking pool.
 pub async fn encode_png(image: RgbImage, parameters: String) -> Result<Vec<u8>, ApiError> {
-    tokio::task::spawn_blocking(move || sdxl_engine::png::encode_with_parameters(&image, &parameters))
+    encode_image(image, parameters, OutputFormat::Png).await
+}
+
+/// A generated image in `format` (only PNG carries the `parameters`), encoded on the blocking
+/// pool.
+pub async fn encode_image(image: RgbImage, parameters: String, format: OutputFormat) -> Result<Vec<u8>, ApiError> {
+    tokio::task::spawn_blocking(move || format.encode(&image, &parameters))
         .await
         .map_err(|_| ApiError::Internal)?
         .map_err(ApiError::from_engine)

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -17,6 +17,7 @@ use crate::error::ApiError;
 use crate::generation::{read_body, validate_job_body};
 use crate::jobs::{now_ms, JobError, JobRecord, JobStore, Status, StoreError, StoredRequest};
 use crate::AppState;
+use sdxl_engine::output::content_type_of;
 
 fn store(state: &AppState) -> Result<&Arc<dyn JobStore>, ApiError> {
     state.inner.jobs.as_ref().ok_or(ApiError::NotFound)
@@ -29,12 +30,12 @@ fn store_error(e: StoreError) -> ApiError {
 }
 
 /// Validates a run body and stores it as `owner`'s queued job; answers its id.
-pub async fn submit_body(state: &AppState, owner: &Owner, headers: &HeaderMap, body: Body) -> Result<String, ApiError> {
+pub async fn submit_body(state: &AppState, owner: &Owner, body: Body) -> Result<String, ApiError> {
     let store = store(state)?;
     if state.draining() {
         return Err(ApiError::ShuttingDown);
     }
-    let (body, reservation) = read_body(state, headers, body).await?;
+    let (body, reservation) = read_body(state, body).await?;
     let config = state.config().clone();
     let stored: StoredRequest = state.inner.admission.decode(move || validate_job_body(&body, &config)).await?;
     drop(reservation);
@@ -98,10 +99,12 @@ pub async fn finished_image(state: &AppState, record: &JobRecord) -> Result<Resp
         (Status::Done, _) => {
             let png = store(state)?.image(&record.id).await.map_err(store_error)?;
             // deleted between the two reads (its TTL ran out)
-            let png = png.ok_or_else(|| ApiError::UnknownJob(record.id.clone()))?;
-            let mut response = png.into_response();
+            let image = png.ok_or_else(|| ApiError::UnknownJob(record.id.clone()))?;
+            // an image stored for a URL answer may be a JPEG or WebP
+            let content_type = content_type_of(&image);
+            let mut response = image.into_response();
             let headers = response.headers_mut();
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
             headers.insert("x-seed", HeaderValue::from(record.seed));
             Ok(response)
         }
@@ -111,6 +114,44 @@ pub async fn finished_image(state: &AppState, record: &JobRecord) -> Result<Resp
 }
 
 /// A failed job's error, answered as the synchronous route would have.
+/// Ids of images stored for a URL answer start with this; only those are served by
+/// [`shared_image`], without a key (the id is the credential), so no other job is.
+const SHARED_PREFIX: &str = "img_";
+
+/// Stores an image generated for `owner` so that a URL can serve it until the job TTL
+/// expires it; answers its file name (`img_<128-bit id>.<extension>`).
+pub async fn store_image(
+    state: &AppState,
+    owner: &Owner,
+    stored: &StoredRequest,
+    image: Vec<u8>,
+    extension: &str,
+) -> Result<String, ApiError> {
+    let store = state
+        .inner
+        .jobs
+        .as_ref()
+        .ok_or_else(|| ApiError::BadRequest("`response_format` \"url\" needs the job store, which this server runs without".into()))?;
+    let id = format!("{SHARED_PREFIX}{}", crate::jobs::new_id());
+    store.store_done(&id, Some(owner.id()), stored, image, now_ms()).await.map_err(store_error)?;
+    Ok(format!("{id}.{extension}"))
+}
+
+/// The image of a URL answer by its file name; 404 for any other name, expired or not.
+pub async fn shared_image(state: &AppState, name: &str) -> Result<Response, ApiError> {
+    let id = name.rsplit_once('.').map_or(name, |(id, _)| id);
+    if !id.starts_with(SHARED_PREFIX) {
+        return Err(ApiError::NotFound);
+    }
+    let image = store(state)?.image(id).await.map_err(store_error)?.ok_or(ApiError::NotFound)?;
+    let content_type = content_type_of(&image);
+    let mut response = image.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=3600"));
+    Ok(response)
+}
+
 fn stored_error(error: &JobError) -> Response {
     let status = StatusCode::from_u16(error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = json!({

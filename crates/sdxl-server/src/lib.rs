@@ -14,6 +14,7 @@ mod listener;
 pub mod metrics;
 pub mod openapi;
 pub mod origin;
+mod progress;
 mod routes;
 pub mod wire;
 
@@ -48,6 +49,10 @@ struct Inner {
     origins: origin::OriginPolicy,
     /// The durable job store, when the job routes are on.
     jobs: Option<Arc<dyn jobs::JobStore>>,
+    /// When the server started (Unix seconds).
+    started: u64,
+    /// The AUTOMATIC1111 requests running, for its progress and interrupt routes.
+    progress: Arc<progress::Board>,
 }
 
 impl AppState {
@@ -64,7 +69,8 @@ impl AppState {
         let origins = origin::OriginPolicy::new(&config.allowed_hosts, &config.cors_origins);
         let draining = AtomicBool::new(false);
         let metrics = metrics::install();
-        let inner = Inner { queue, config, keys, draining, metrics, admission, origins, jobs };
+        let started = routes::openai::unix_now();
+        let inner = Inner { queue, config, keys, draining, metrics, admission, origins, jobs, started, progress: Arc::default() };
         Self { inner: Arc::new(inner) }
     }
 
@@ -74,6 +80,11 @@ impl AppState {
 
     pub fn config(&self) -> &ServerConfig {
         &self.inner.config
+    }
+
+    /// When the server started (Unix seconds).
+    pub fn started(&self) -> u64 {
+        self.inner.started
     }
 
     /// Whether requests must carry an API key.
@@ -93,6 +104,27 @@ impl AppState {
     }
 }
 
+/// AUTOMATIC1111's API ([`routes::a1111`]).
+fn a1111_routes() -> Router<AppState> {
+    use routes::a1111::{self, info};
+    Router::new()
+        .route("/sdapi/v1/txt2img", post(a1111::txt2img))
+        .route("/sdapi/v1/img2img", post(a1111::img2img))
+        .route("/sdapi/v1/options", get(info::get_options).post(info::set_options))
+        .route("/sdapi/v1/sd-models", get(info::sd_models))
+        .route("/sdapi/v1/samplers", get(info::samplers))
+        .route("/sdapi/v1/schedulers", get(info::schedulers))
+        .route("/sdapi/v1/upscalers", get(info::upscalers))
+        .route("/sdapi/v1/latent-upscale-modes", get(info::latent_upscale_modes))
+        .route("/sdapi/v1/sd-vae", get(info::sd_vae))
+        .route("/sdapi/v1/sd-modules", get(info::sd_vae))
+        .route("/sdapi/v1/loras", get(info::loras))
+        .route("/sdapi/v1/scripts", get(info::scripts))
+        .route("/sdapi/v1/refresh-checkpoints", post(info::refresh_checkpoints))
+        .route("/sdapi/v1/progress", get(info::progress))
+        .route("/sdapi/v1/interrupt", post(info::interrupt))
+}
+
 /// The router with every route; tests drive it without opening a port.
 ///
 /// Layers, outermost first: the request counter, the browser-origin guard (every route), CORS
@@ -103,10 +135,14 @@ pub fn app(state: AppState) -> Router {
         .route("/client/v4/accounts/{account_id}/ai/run/{*model}", post(routes::run::account_route))
         .route("/ai/run/{*model}", post(routes::run::short_route))
         .route("/v1/images/generations", post(routes::openai::generations))
+        .route("/v1/images/edits", post(routes::openai::edits::edits))
+        .route("/v1/models", get(routes::openai::models))
+        .route("/v1/models/{*id}", get(routes::openai::model))
         .route("/v1/run/stream", post(routes::stream::stream))
         .route("/v1/jobs", post(routes::jobs::submit))
         .route("/v1/jobs/{id}", get(routes::jobs::status).delete(routes::jobs::cancel))
         .route("/v1/jobs/{id}/image", get(routes::jobs::image))
+        .merge(a1111_routes())
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key));
     let open = Router::new()
         .route("/", get(routes::playground::page))
@@ -115,7 +151,9 @@ pub fn app(state: AppState) -> Router {
         .route("/health", get(routes::health::health))
         .route("/ready", get(routes::health::ready))
         .route("/metrics", get(routes::health::metrics))
-        .route("/openapi.json", get(routes::health::openapi));
+        .route("/openapi.json", get(routes::health::openapi))
+        // the unguessable file name is the credential of an image answered by URL
+        .route("/v1/images/files/{name}", get(routes::openai::file));
     let mut router = protected
         .merge(open)
         .fallback(routes::not_found)

@@ -4,6 +4,7 @@
 //! `load_tests/schema.sh` runs schemathesis against this document on a live server, so what
 //! it says is checked against what the server does.
 
+mod clients;
 mod jobs;
 
 use sdxl_engine::Limits;
@@ -20,13 +21,36 @@ use utoipa::openapi::{
 use utoipa::{Number, OpenApi};
 
 use crate::config::ServerConfig;
-use crate::routes::openai::{ImageData, ImagesRequest, ImagesResponse};
+use crate::routes::a1111::wire::{
+    GenerationInfo, GenerationRequest, GenerationResponse, Lora, Progress, ProgressState, Sampler, Scheduler,
+    SdModel, SdVae, Upscaler,
+};
+use crate::routes::openai::wire::{EditRequest, ImageData, ImagesRequest, ImagesResponse, Model, ModelList};
 use crate::wire::RunRequest;
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "sdxl", description = "Workers AI-compatible SDXL-Lightning text-to-image server"),
-    components(schemas(RunRequest, ImagesRequest, ImagesResponse, ImageData))
+    components(schemas(
+        RunRequest,
+        ImagesRequest,
+        ImagesResponse,
+        ImageData,
+        EditRequest,
+        Model,
+        ModelList,
+        GenerationRequest,
+        GenerationResponse,
+        GenerationInfo,
+        SdModel,
+        Sampler,
+        Scheduler,
+        Upscaler,
+        SdVae,
+        Lora,
+        Progress,
+        ProgressState
+    ))
 )]
 struct ApiDoc;
 
@@ -42,12 +66,13 @@ pub fn document(config: &ServerConfig) -> Document {
     let mut doc = ApiDoc::openapi();
     let auth = config.api_keys.iter().any(|k| !k.is_empty());
     let components = doc.components.get_or_insert_with(Default::default);
-    for name in ["RunRequest", "ImagesRequest"] {
+    for name in ["RunRequest", "ImagesRequest", "EditRequest", "GenerationRequest"] {
         let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(name) else { continue };
         patch_request(object, name, config);
     }
     components.schemas.insert("ErrorEnvelope".into(), error_envelope());
     components.schemas.insert("OpenAiError".into(), openai_error());
+    components.schemas.insert("A1111Error".into(), clients::a1111_error());
     components.schemas.insert("Job".into(), jobs::job_schema());
     components.schemas.insert("QueuedEnvelope".into(), jobs::queued_schema());
     if auth {
@@ -77,6 +102,17 @@ fn patch_request(object: &mut Object, name: &str, config: &ServerConfig) {
         p.minimum = Some(Number::Float(0.0));
         p.maximum = Some(Number::Float(limits.max_guidance));
     });
+    // AUTOMATIC1111's names and step bound
+    with("steps", &|p| {
+        p.default = Some(json!(config.default_steps));
+        p.minimum = Some(Number::UInt(1));
+        p.maximum = Some(Number::UInt(crate::routes::a1111::LIMITS.max_steps));
+    });
+    with("cfg_scale", &|p| {
+        p.default = Some(json!(config.default_guidance));
+        p.minimum = Some(Number::Float(0.0));
+        p.maximum = Some(Number::Float(limits.max_guidance));
+    });
     // u64: the derive says int64, whose upper half the server accepts too
     with("seed", &|p| {
         p.format = None;
@@ -94,14 +130,18 @@ fn patch_request(object: &mut Object, name: &str, config: &ServerConfig) {
             p.maximum = Some(Number::UInt(limits.max_side));
         });
     }
-    if name == "ImagesRequest" {
+    if name == "ImagesRequest" || name == "EditRequest" {
         with("size", &|p| {
-            p.pattern = Some(format!("^{SIZE_SIDE_PATTERN}x{SIZE_SIDE_PATTERN}$"));
-            p.default = Some(json!("1024x1024"));
+            p.pattern = Some(format!("^(auto|{SIZE_SIDE_PATTERN}x{SIZE_SIDE_PATTERN})$"));
+            p.default = Some(json!("auto"));
         });
         with("response_format", &|p| {
-            p.enum_values = Some(vec![json!("b64_json"), Value::Null]);
+            p.enum_values = Some(vec![json!("b64_json"), json!("url"), Value::Null]);
             p.default = Some(json!("b64_json"));
+        });
+        with("output_format", &|p| {
+            p.enum_values = Some(vec![json!("png"), json!("jpeg"), json!("webp"), Value::Null]);
+            p.default = Some(json!("png"));
         });
     }
     // image bytes: integers 0-255 (the derive gives u8 no maximum)
@@ -387,6 +427,7 @@ fn paths(auth: bool) -> utoipa::openapi::Paths {
         )
         .path("/metrics", get("metrics", "Prometheus metrics", vec![("200", text)]))
         .path("/openapi.json", get("openapi", "This OpenAPI document", vec![("200", openapi)]));
+    let paths = clients::add_a1111(clients::add_openai(paths, auth), auth);
     jobs::add_paths(paths, auth, &png).build()
 }
 

@@ -111,6 +111,16 @@ impl From<sqlx::Error> for StoreError {
 pub trait JobStore: Send + Sync {
     /// Stores a new queued job for `owner`.
     async fn submit(&self, id: &str, owner: Option<&str>, request: &StoredRequest, now: i64) -> Result<(), StoreError>;
+    /// Stores a job that has already run elsewhere (an image answered by URL): `done`, with
+    /// `image`, kept until it expires like any finished job.
+    async fn store_done(
+        &self,
+        id: &str,
+        owner: Option<&str>,
+        request: &StoredRequest,
+        image: Vec<u8>,
+        now: i64,
+    ) -> Result<(), StoreError>;
     /// Claims the oldest job that is queued, or running with its lease run out, for `worker`
     /// until `lease_until`.
     async fn claim(&self, worker: &str, now: i64, lease_until: i64) -> Result<Option<Claimed>, StoreError>;

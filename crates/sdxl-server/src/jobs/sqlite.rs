@@ -81,6 +81,29 @@ impl JobStore for SqliteStore {
         Ok(())
     }
 
+    async fn store_done(
+        &self,
+        id: &str,
+        owner: Option<&str>,
+        request: &StoredRequest,
+        image: Vec<u8>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO sdxl_jobs (id, owner, request, seed, status, image, created_at, started_at, finished_at)
+             VALUES (?1, ?2, ?3, ?4, 'done', ?5, ?6, ?6, ?6)",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(request.to_json())
+        .bind(&request.seed)
+        .bind(image)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     async fn claim(&self, worker: &str, now: i64, lease_until: i64) -> Result<Option<Claimed>, StoreError> {
         let row = sqlx::query(
             "UPDATE sdxl_jobs SET status = 'running', worker = ?1, lease_until = ?2, step = 0, total = 0,

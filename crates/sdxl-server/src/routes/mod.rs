@@ -1,5 +1,6 @@
 //! One module per endpoint.
 
+pub mod a1111;
 pub mod health;
 pub mod jobs;
 pub mod openai;

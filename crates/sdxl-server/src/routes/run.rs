@@ -5,7 +5,6 @@
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 
@@ -20,11 +19,10 @@ pub async fn account_route(
     Extension(owner): Extension<Owner>,
     path: Result<Path<(String, String)>, PathRejection>,
     RawQuery(query): RawQuery,
-    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let Path((_account_id, model)) = path.map_err(bad_path)?;
-    run(Call { state, owner, model, query, headers }, body).await
+    run(Call { state, owner, model, query }, body).await
 }
 
 /// The short route without an account.
@@ -33,11 +31,10 @@ pub async fn short_route(
     Extension(owner): Extension<Owner>,
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
-    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let Path(model) = path.map_err(bad_path)?;
-    run(Call { state, owner, model, query, headers }, body).await
+    run(Call { state, owner, model, query }, body).await
 }
 
 /// What both run routes hand on.
@@ -46,7 +43,6 @@ struct Call {
     owner: Owner,
     model: String,
     query: Option<String>,
-    headers: HeaderMap,
 }
 
 /// Whether the query asks for Workers AI's asynchronous mode: `?queueRequest=true` (or
@@ -75,16 +71,16 @@ fn bad_path(rejection: PathRejection) -> ApiError {
 }
 
 async fn run(call: Call, body: Body) -> Result<Response, ApiError> {
-    let Call { state, owner, model, query, headers } = call;
+    let Call { state, owner, model, query } = call;
     let model = model.trim_start_matches('/');
     if model != MODEL_ID {
         return Err(ApiError::UnknownModel(model.to_string()));
     }
     if queue_request(query.as_deref())? {
-        let id = job_api::submit_body(&state, &owner, &headers, body).await?;
+        let id = job_api::submit_body(&state, &owner, body).await?;
         return Ok(Json(job_api::queued_envelope(&id, "queued")).into_response());
     }
-    let (body, reservation) = read_body(&state, &headers, body).await?;
+    let (body, reservation) = read_body(&state, body).await?;
     if let Some(id) = job_api::poll_request(&body) {
         return job_api::poll(&state, &owner, &id).await;
     }

@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::Extension;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -33,10 +32,9 @@ use crate::AppState;
 pub async fn stream(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,
-    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let (body, reservation) = read_body(&state, &headers, body).await?;
+    let (body, reservation) = read_body(&state, body).await?;
     let Generation { request, seed, parameters } = validate_run(&state, body, reservation).await?;
     let ticket = generation::submit(&state, &owner, request, true)?;
     let job = Job { ticket, seed, parameters };
