@@ -57,7 +57,7 @@ cat >"$CONFIG" <<TOML
 directory = "$OUT/cache"
 
 [[operations]]
-include-operation-id = ["run", "run_account", "run_stream", "jobs_submit"]
+include-operation-id = ["run", "run_account", "run_stream", "jobs_submit", "images_edits", "sdapi_txt2img", "sdapi_img2img"]
 checks.positive_data_acceptance.enabled = false
 TOML
 

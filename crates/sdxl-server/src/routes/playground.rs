@@ -1,6 +1,7 @@
 //! `GET /`: the playground page, and its script and style sheet. Hand-written files embedded
 //! in the binary, so the page works offline and needs nothing beside the server. Served with
-//! a Content-Security-Policy that allows this server's own scripts, styles and API only (no
+//! a Content-Security-Policy that allows this server's own scripts, styles and API only (and
+//! the page's own `blob:` results, which a script reading the result fetches; no
 //! inline script, no framing), `nosniff` and no referrer.
 
 use axum::http::header::{self, HeaderName};
@@ -11,7 +12,7 @@ const SECURITY_HEADERS: [(HeaderName, &str); 4] = [
     (
         header::CONTENT_SECURITY_POLICY,
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; \
-         connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+         connect-src 'self' blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
     ),
     (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
     (header::REFERRER_POLICY, "no-referrer"),
