@@ -48,11 +48,8 @@ pub fn steps_and_guidance(flags: (Option<usize>, Option<f64>), lightning: Option
 /// The default `--request-timeout`: on a GPU 300 s; on the CPU twice what a default request
 /// takes at 1024² on a 2-core machine, so the request behind a running one finishes too.
 pub fn request_timeout(default_steps: usize, on_gpu: bool) -> Duration {
-    let seconds = if on_gpu {
-        GPU_REQUEST_TIMEOUT
-    } else {
-        2 * (CPU_STEP_SECONDS * default_steps as u64 + CPU_FIXED_SECONDS)
-    };
+    let seconds =
+        if on_gpu { GPU_REQUEST_TIMEOUT } else { 2 * (CPU_STEP_SECONDS * default_steps as u64 + CPU_FIXED_SECONDS) };
     Duration::from_secs(seconds.max(GPU_REQUEST_TIMEOUT))
 }
 

@@ -9,8 +9,8 @@ use crate::hub::DownloadOptions;
 use anyhow::Context;
 use clap::Args;
 use sdxl_engine::queue::{PipelineBackend, Queue, QueueConfig};
-use sdxl_server::jobs::runner::{self, RunnerConfig};
 use sdxl_server::config::ModelFiles;
+use sdxl_server::jobs::runner::{self, RunnerConfig};
 use sdxl_server::{app, AppState, ServerConfig};
 use tokio::sync::Notify;
 

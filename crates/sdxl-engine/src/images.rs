@@ -184,7 +184,8 @@ mod tests {
         };
         let gray_of = |png: &[u8]| decode_rgb(png, "m").map(|rgb| to_gray(&rgb).pixels).unwrap();
         // transparent (alpha 0) is the edit area, whatever its colour
-        let rgba = image::RgbaImage::from_fn(2, 1, |x, _| image::Rgba(if x == 0 { [9, 9, 9, 0] } else { [0, 0, 0, 255] }));
+        let rgba =
+            image::RgbaImage::from_fn(2, 1, |x, _| image::Rgba(if x == 0 { [9, 9, 9, 0] } else { [0, 0, 0, 255] }));
         let png = convert_mask(&encode(DynamicImage::ImageRgba8(rgba)), "mask", MaskMarks::Transparent).unwrap();
         assert_eq!(gray_of(&png), vec![255, 0]);
         let opaque = encode(DynamicImage::ImageRgb8(image::RgbImage::new(2, 1)));

@@ -176,7 +176,12 @@ impl Activity {
             evicted: false,
             closing_until: None,
         };
-        Arc::new(Self { opened: now, state: Mutex::new(state), changed: Notify::new(), write_timed_out: AtomicBool::new(false) })
+        Arc::new(Self {
+            opened: now,
+            state: Mutex::new(state),
+            changed: Notify::new(),
+            write_timed_out: AtomicBool::new(false),
+        })
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -371,7 +376,10 @@ impl<T> TimedIo<T> {
         self.stalled = true;
         if timer.as_mut().poll(cx).is_ready() {
             self.activity.write_timed_out.store(true, Ordering::Relaxed);
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client read nothing within the write timeout")));
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client read nothing within the write timeout",
+            )));
         }
         Poll::Pending
     }

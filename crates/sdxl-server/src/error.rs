@@ -185,7 +185,10 @@ impl ApiError {
         }
         // The body may be partly unread, so the connection cannot carry another request:
         // say so, or a client may reuse it and see it closed under its next request.
-        if matches!(self, ApiError::PayloadTooLarge(_) | ApiError::Timeout | ApiError::BodyTimeout | ApiError::BodiesBusy) {
+        if matches!(
+            self,
+            ApiError::PayloadTooLarge(_) | ApiError::Timeout | ApiError::BodyTimeout | ApiError::BodiesBusy
+        ) {
             response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response

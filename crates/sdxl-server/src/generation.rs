@@ -70,7 +70,11 @@ pub async fn validate_raw(
     limits: &'static Limits,
 ) -> Result<Generation, ApiError> {
     let config = state.config().clone();
-    state.inner.admission.decode(move || Ok(Generation::new(parse_raw_with(raw, &config, limits)?, seed, &config))).await
+    state
+        .inner
+        .admission
+        .decode(move || Ok(Generation::new(parse_raw_with(raw, &config, limits)?, seed, &config)))
+        .await
 }
 
 /// A run route's body → the engine's validated request (input images decoded) and its seed,

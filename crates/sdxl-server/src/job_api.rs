@@ -127,11 +127,9 @@ pub async fn store_image(
     image: Vec<u8>,
     extension: &str,
 ) -> Result<String, ApiError> {
-    let store = state
-        .inner
-        .jobs
-        .as_ref()
-        .ok_or_else(|| ApiError::BadRequest("`response_format` \"url\" needs the job store, which this server runs without".into()))?;
+    let store = state.inner.jobs.as_ref().ok_or_else(|| {
+        ApiError::BadRequest("`response_format` \"url\" needs the job store, which this server runs without".into())
+    })?;
     let id = format!("{SHARED_PREFIX}{}", crate::jobs::new_id());
     store.store_done(&id, Some(owner.id()), stored, image, now_ms()).await.map_err(store_error)?;
     Ok(format!("{id}.{extension}"))

@@ -27,8 +27,8 @@ use sdxl_engine::queue::Queue;
 
 pub use config::ServerConfig;
 pub use connection::{default_max_connections, ConnectionLimits};
-pub use listener::serve;
 pub use generation::validate_run_body;
+pub use listener::serve;
 
 /// The model id this server answers for.
 pub const MODEL_ID: &str = "@cf/bytedance/stable-diffusion-xl-lightning";
@@ -70,7 +70,18 @@ impl AppState {
         let draining = AtomicBool::new(false);
         let metrics = metrics::install();
         let started = routes::openai::unix_now();
-        let inner = Inner { queue, config, keys, draining, metrics, admission, origins, jobs, started, progress: Arc::default() };
+        let inner = Inner {
+            queue,
+            config,
+            keys,
+            draining,
+            metrics,
+            admission,
+            origins,
+            jobs,
+            started,
+            progress: Arc::default(),
+        };
         Self { inner: Arc::new(inner) }
     }
 
@@ -154,10 +165,8 @@ pub fn app(state: AppState) -> Router {
         .route("/openapi.json", get(routes::health::openapi))
         // the unguessable file name is the credential of an image answered by URL
         .route("/v1/images/files/{name}", get(routes::openai::file));
-    let mut router = protected
-        .merge(open)
-        .fallback(routes::not_found)
-        .method_not_allowed_fallback(routes::method_not_allowed);
+    let mut router =
+        protected.merge(open).fallback(routes::not_found).method_not_allowed_fallback(routes::method_not_allowed);
     if let Some(cors) = origin::cors_layer(&state.config().cors_origins) {
         router = router.layer(cors);
     }

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::connection::{self, Activity, ConnectionLimits, Timeouts, TimedIo, Tracked, Watch};
+use crate::connection::{self, Activity, ConnectionLimits, TimedIo, Timeouts, Tracked, Watch};
 use crate::metrics::CONNECTIONS_OPEN;
 
 /// HTTP/2 PING interval on a connection, and how long its answer may take before the

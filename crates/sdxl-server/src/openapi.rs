@@ -22,8 +22,8 @@ use utoipa::{Number, OpenApi};
 
 use crate::config::ServerConfig;
 use crate::routes::a1111::wire::{
-    GenerationInfo, GenerationRequest, GenerationResponse, Lora, Progress, ProgressState, Sampler, Scheduler,
-    SdModel, SdVae, Upscaler,
+    GenerationInfo, GenerationRequest, GenerationResponse, Lora, Progress, ProgressState, Sampler, Scheduler, SdModel,
+    SdVae, Upscaler,
 };
 use crate::routes::openai::wire::{EditRequest, ImageData, ImagesRequest, ImagesResponse, Model, ModelList};
 use crate::wire::RunRequest;

@@ -199,7 +199,9 @@ mod tests {
         ] {
             assert!(policy.host_allowed(host), "{host}");
         }
-        for host in ["attacker.example", "localhost.attacker.example", "127.0.0.1.nip.io", "images.example.com.evil", ""] {
+        for host in
+            ["attacker.example", "localhost.attacker.example", "127.0.0.1.nip.io", "images.example.com.evil", ""]
+        {
             assert!(!policy.host_allowed(host), "{host}");
         }
         assert!(OriginPolicy::new(&["*".into()], &[]).host_allowed("anything.example"));
@@ -209,7 +211,8 @@ mod tests {
     fn browsers_may_post_from_the_servers_own_origin_or_an_allowed_one() {
         let policy = OriginPolicy::new(&[], &["https://app.example".into()]);
         let json = ("content-type", "application/json");
-        let post = |pairs: &[(&'static str, &str)], host: &str| policy.check(&Method::POST, &headers(pairs), Some(host));
+        let post =
+            |pairs: &[(&'static str, &str)], host: &str| policy.check(&Method::POST, &headers(pairs), Some(host));
         // no Origin: not a browser (curl, SDKs), any content type
         assert!(post(&[("content-type", "application/x-www-form-urlencoded")], "127.0.0.1:8080").is_ok());
         assert!(post(&[("origin", "http://127.0.0.1:8080"), json], "127.0.0.1:8080").is_ok(), "the playground");
@@ -232,8 +235,15 @@ mod tests {
     fn browser_bodies_must_be_declared_json() {
         let policy = OriginPolicy::new(&[], &[]);
         let own = ("origin", "http://127.0.0.1:8080");
-        for declared in ["text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", ""] {
-            let refused = policy.check(&Method::POST, &headers(&[own, ("content-type", declared)]), Some("127.0.0.1:8080"));
+        for declared in [
+            "text/plain",
+            "text/plain;charset=UTF-8",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "",
+        ] {
+            let refused =
+                policy.check(&Method::POST, &headers(&[own, ("content-type", declared)]), Some("127.0.0.1:8080"));
             assert!(matches!(refused, Err(ApiError::UnsupportedMediaType(_))), "{declared:?}");
         }
         let json = headers(&[own, ("content-type", "Application/JSON; charset=utf-8")]);

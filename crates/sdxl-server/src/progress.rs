@@ -66,7 +66,11 @@ impl Board {
         let batches = self.lock();
         let batch = batches.get(owner)?.last()?;
         let state = batch.state.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        Some(Snapshot { state, elapsed: batch.started.elapsed(), interrupted: batch.interrupted.load(Ordering::SeqCst) })
+        Some(Snapshot {
+            state,
+            elapsed: batch.started.elapsed(),
+            interrupted: batch.interrupted.load(Ordering::SeqCst),
+        })
     }
 
     /// Interrupts every running batch of `owner`; answers how many.

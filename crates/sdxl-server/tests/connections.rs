@@ -375,7 +375,9 @@ async fn a_client_that_stops_reading_is_cut_off_by_the_write_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_closes_idle_connections_and_lets_a_running_request_finish() {
-    let mut server = start(limits(Duration::from_secs(30), Duration::from_secs(30)), SlowBackend::new(Duration::from_millis(100))).await;
+    let mut server =
+        start(limits(Duration::from_secs(30), Duration::from_secs(30)), SlowBackend::new(Duration::from_millis(100)))
+            .await;
     let mut silent = server.connect().await;
     let mut idle = server.connect().await;
     assert_eq!(get(&mut idle, "/health").await.status, 200);

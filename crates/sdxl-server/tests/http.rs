@@ -270,8 +270,9 @@ async fn a_trickled_body_gets_408_when_the_whole_body_is_late() {
     let address = base.trim_start_matches("http://");
     let stream = tokio::net::TcpStream::connect(address).await.unwrap();
     let (mut read, mut write) = stream.into_split();
-    let head =
-        format!("POST {RUN} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n");
+    let head = format!(
+        "POST {RUN} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    );
     write.write_all(head.as_bytes()).await.unwrap();
     let trickle = tokio::spawn(async move {
         for _ in 0..100 {

@@ -114,7 +114,8 @@ async fn one_key_flooding_the_queue_leaves_room_for_another() {
     let base = start_shared(backend, 4, 2, dir.path()).await;
     let client = reqwest::Client::new();
     let send = |key: &'static str, seed: u64| {
-        let request = client.post(format!("{base}{RUN}")).bearer_auth(key).json(&small(seed)).timeout(Duration::from_secs(60));
+        let request =
+            client.post(format!("{base}{RUN}")).bearer_auth(key).json(&small(seed)).timeout(Duration::from_secs(60));
         tokio::spawn(request.send())
     };
     // Alice sends 9 at once: one runs, two wait (her share), the rest are refused at once

@@ -335,11 +335,13 @@ mod tests {
         let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display())).unwrap();
         let old = SqlitePool::connect_with(options.create_if_missing(true)).await.unwrap();
         sqlx::raw_sql(&SCHEMA.replace("    owner TEXT,\n", "")).execute(&old).await.unwrap();
-        sqlx::query("INSERT INTO sdxl_jobs (id, request, seed, status, created_at) VALUES ('old', ?1, '7', 'queued', 1)")
-            .bind(request("old", 7).to_json())
-            .execute(&old)
-            .await
-            .unwrap();
+        sqlx::query(
+            "INSERT INTO sdxl_jobs (id, request, seed, status, created_at) VALUES ('old', ?1, '7', 'queued', 1)",
+        )
+        .bind(request("old", 7).to_json())
+        .execute(&old)
+        .await
+        .unwrap();
         old.close().await;
         let store = SqliteStore::open(&path).await.unwrap();
         let kept = store.get("old").await.unwrap().expect("nothing lost");

@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::Extension;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use base64::Engine as _;
 use futures_util::stream::{self, Stream};
 use sdxl_engine::{Event, Ticket, Update};

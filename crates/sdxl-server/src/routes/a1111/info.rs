@@ -138,7 +138,12 @@ pub async fn loras(State(state): State<AppState>) -> Json<Vec<Lora>> {
     let loras = state.config().model_files.loras.iter();
     Json(
         loras
-            .map(|path| Lora { name: file_stem(path), alias: file_stem(path), path: display(path), metadata: Map::new() })
+            .map(|path| Lora {
+                name: file_stem(path),
+                alias: file_stem(path),
+                path: display(path),
+                metadata: Map::new(),
+            })
             .collect(),
     )
 }

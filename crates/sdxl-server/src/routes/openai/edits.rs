@@ -61,7 +61,9 @@ pub async fn edits(
     drop(reservation);
     let text = |name: &str| form.text.get(name).map(String::as_str);
     let number = |name: &'static str| -> Result<Option<u64>, ApiError> {
-        text(name).map(|v| v.trim().parse::<u64>().map_err(|_| invalid(name, "an integer", format!("{v:?}")))).transpose()
+        text(name)
+            .map(|v| v.trim().parse::<u64>().map_err(|_| invalid(name, "an integer", format!("{v:?}"))))
+            .transpose()
     };
     let float = |name: &'static str| -> Result<Option<f64>, ApiError> {
         text(name).map(|v| v.trim().parse::<f64>().map_err(|_| invalid(name, "a number", format!("{v:?}")))).transpose()

@@ -41,7 +41,13 @@ pub async fn generations(
     if wire.prompt.is_empty() {
         return Err(invalid("prompt", "at least 1 character long", "\"\"").into());
     }
-    let answer = Answer::parse(&wire.n, wire.size.as_deref(), &wire.response_format, &wire.output_format, wire.output_compression)?;
+    let answer = Answer::parse(
+        &wire.n,
+        wire.size.as_deref(),
+        &wire.response_format,
+        &wire.output_format,
+        wire.output_compression,
+    )?;
     // "auto": the model's native size, which the engine gives a request without one
     let (width, height) = answer.size.unzip();
     let config = state.config();
@@ -127,7 +133,10 @@ impl Answer {
             data.push(match stored {
                 Some(stored) => {
                     let name = job_api::store_image(state, owner, &stored, file, self.format.extension()).await?;
-                    ImageData { b64_json: None, url: Some(format!("{}/v1/images/files/{name}", base_url(state, headers))) }
+                    ImageData {
+                        b64_json: None,
+                        url: Some(format!("{}/v1/images/files/{name}", base_url(state, headers))),
+                    }
                 }
                 None => ImageData { b64_json: Some(base64::engine::general_purpose::STANDARD.encode(file)), url: None },
             });
@@ -168,7 +177,12 @@ pub async fn model(State(state): State<AppState>, Path(id): Path<String>) -> Res
 }
 
 fn model_of(state: &AppState) -> Model {
-    Model { id: state.config().model_id().to_string(), object: "model".into(), created: state.started(), owned_by: "sdxl".into() }
+    Model {
+        id: state.config().model_id().to_string(),
+        object: "model".into(),
+        created: state.started(),
+        owned_by: "sdxl".into(),
+    }
 }
 
 pub(crate) fn unix_now() -> u64 {
