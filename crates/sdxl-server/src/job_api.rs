@@ -9,8 +9,9 @@ use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use utoipa::ToSchema;
 
 use crate::auth::Owner;
 use crate::error::ApiError;
@@ -51,13 +52,22 @@ pub async fn find(state: &AppState, owner: &Owner, id: &str) -> Result<JobRecord
 }
 
 /// Deletes `owner`'s job `id` (cancelling it if it waits or runs); answers what it was.
-pub async fn delete(state: &AppState, owner: &Owner, id: &str) -> Result<Value, ApiError> {
+/// The answer of `DELETE /v1/jobs/{id}`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Deleted {
+    pub id: String,
+    /// `cancelled` if it was queued or running, `deleted` if it had finished.
+    #[schema(pattern = "^(cancelled|deleted)$")]
+    pub status: String,
+}
+
+pub async fn delete(state: &AppState, owner: &Owner, id: &str) -> Result<Deleted, ApiError> {
     let status = match store(state)?.delete(id, owner.id(), owner.is_anonymous()).await.map_err(store_error)? {
         Some(Status::Queued | Status::Running) => "cancelled",
         Some(Status::Done | Status::Failed) => "deleted",
         None => return Err(ApiError::UnknownJob(id.into())),
     };
-    Ok(json!({ "id": id, "status": status }))
+    Ok(Deleted { id: id.into(), status: status.into() })
 }
 
 /// The Workers AI poll: the PNG once done, the stored error if it failed, else
@@ -72,14 +82,36 @@ pub async fn poll(state: &AppState, owner: &Owner, id: &str) -> Result<Response,
     }
 }
 
-/// The Workers AI answer to `?queueRequest=true` (and to a poll of an unfinished job).
-pub fn queued_envelope(id: &str, status: &str) -> Value {
-    json!({
-        "result": { "status": status, "request_id": id },
-        "success": true,
-        "errors": [],
-        "messages": [],
-    })
+/// Workers AI's answer to a queued request, and to a poll of one not finished:
+/// `{"result": {"status", "request_id"}, "success": true, "errors": [], "messages": []}`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct QueuedEnvelope {
+    pub result: QueuedResult,
+    /// Always true.
+    pub success: bool,
+    /// Always empty.
+    #[schema(value_type = Vec<Object>, max_items = 0)]
+    pub errors: Vec<Value>,
+    /// Always empty.
+    #[schema(value_type = Vec<Object>, max_items = 0)]
+    pub messages: Vec<Value>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct QueuedResult {
+    /// `queued` or `running`.
+    #[schema(pattern = "^(queued|running)$")]
+    pub status: String,
+    pub request_id: String,
+}
+
+pub fn queued_envelope(id: &str, status: &str) -> QueuedEnvelope {
+    QueuedEnvelope {
+        result: QueuedResult { status: status.into(), request_id: id.into() },
+        success: true,
+        errors: Vec::new(),
+        messages: Vec::new(),
+    }
 }
 
 /// A run route body that is exactly `{"request_id": "…"}`: a poll, not a generation.
@@ -117,6 +149,14 @@ pub async fn finished_image(state: &AppState, record: &JobRecord) -> Result<Resp
 /// Ids of images stored for a URL answer start with this; only those are served by
 /// [`shared_image`], without a key (the id is the credential), so no other job is.
 const SHARED_PREFIX: &str = "img_";
+
+/// The job store, where images answered by URL are kept; refused before any work is done
+/// when the server runs without one.
+pub fn image_store(state: &AppState) -> Result<&Arc<dyn JobStore>, ApiError> {
+    state.inner.jobs.as_ref().ok_or_else(|| {
+        ApiError::BadRequest("`response_format` \"url\" needs the job store, which this server runs without".into())
+    })
+}
 
 /// Stores an image generated for `owner` so that a URL can serve it until the job TTL
 /// expires it; answers its file name (`img_<128-bit id>.<extension>`).
@@ -161,21 +201,52 @@ fn stored_error(error: &JobError) -> Response {
     (status, Json(body)).into_response()
 }
 
-pub fn record_json(record: &JobRecord) -> Value {
-    json!({
-        "id": record.id,
-        "status": record.status.as_str(),
-        "position": record.position,
-        "step": record.step,
-        "total": record.total,
-        // a string: JavaScript numbers lose seeds above 2^53
-        "seed": record.seed.to_string(),
-        "attempts": record.attempts,
-        "created_at": record.created_at,
-        "started_at": record.started_at,
-        "finished_at": record.finished_at,
-        "error": record.error.as_ref().map(|e| json!({ "code": e.code, "message": e.message })),
-    })
+/// A stored job as `GET /v1/jobs/{id}` answers it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Job {
+    pub id: String,
+    /// `queued`, `running`, `done` or `failed`.
+    #[schema(pattern = "^(queued|running|done|failed)$")]
+    pub status: String,
+    /// Queued jobs ahead of this one (queued jobs only).
+    #[schema(minimum = 0)]
+    pub position: Option<u64>,
+    /// Denoising steps done.
+    pub step: u64,
+    pub total: u64,
+    /// The seed, in decimal (JSON numbers lose precision above 2^53 in many clients).
+    pub seed: String,
+    /// Times a server took it; above 1 after a server died.
+    pub attempts: u64,
+    /// Milliseconds since the Unix epoch.
+    pub created_at: i64,
+    /// When the last attempt started.
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub error: Option<JobFailure>,
+}
+
+/// How a failed job failed: its Workers AI code and message.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobFailure {
+    pub code: u32,
+    pub message: String,
+}
+
+pub fn record_json(record: &JobRecord) -> Job {
+    Job {
+        id: record.id.clone(),
+        status: record.status.as_str().into(),
+        position: record.position,
+        step: record.step,
+        total: record.total,
+        seed: record.seed.to_string(),
+        attempts: record.attempts,
+        created_at: record.created_at,
+        started_at: record.started_at,
+        finished_at: record.finished_at,
+        error: record.error.as_ref().map(|e| JobFailure { code: e.code, message: e.message.clone() }),
+    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use utoipa::openapi::{
 use utoipa::{Number, OpenApi};
 
 use crate::config::ServerConfig;
+use crate::job_api::{Deleted, Job, JobFailure, QueuedEnvelope, QueuedResult};
 use crate::routes::a1111::wire::{
     GenerationInfo, GenerationRequest, GenerationResponse, Lora, Progress, ProgressState, Sampler, Scheduler, SdModel,
     SdVae, Upscaler,
@@ -49,7 +50,12 @@ use crate::wire::RunRequest;
         SdVae,
         Lora,
         Progress,
-        ProgressState
+        ProgressState,
+        Job,
+        JobFailure,
+        Deleted,
+        QueuedEnvelope,
+        QueuedResult
     ))
 )]
 struct ApiDoc;
@@ -73,8 +79,6 @@ pub fn document(config: &ServerConfig) -> Document {
     components.schemas.insert("ErrorEnvelope".into(), error_envelope());
     components.schemas.insert("OpenAiError".into(), openai_error());
     components.schemas.insert("A1111Error".into(), clients::a1111_error());
-    components.schemas.insert("Job".into(), jobs::job_schema());
-    components.schemas.insert("QueuedEnvelope".into(), jobs::queued_schema());
     if auth {
         components
             .security_schemes

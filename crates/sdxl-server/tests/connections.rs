@@ -193,6 +193,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     for _ in 0..2 {
         let response = get(&mut stream, "/health").await;
         assert_eq!(response.status, 200);
+        assert!(response.body.starts_with(b"{"), "{:?}", String::from_utf8_lossy(&response.body));
         assert!(!response.head.contains("connection: close"), "{}", response.head);
     }
     let answered = Instant::now();

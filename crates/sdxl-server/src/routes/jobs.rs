@@ -9,11 +9,10 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use serde_json::Value;
 
 use crate::auth::Owner;
 use crate::error::ApiError;
-use crate::job_api::{self, record_json};
+use crate::job_api::{self, record_json, Deleted, Job};
 use crate::AppState;
 
 pub async fn submit(
@@ -34,7 +33,7 @@ pub async fn status(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Job>, ApiError> {
     let record = job_api::find(&state, &owner, &job_id(path)?).await?;
     Ok(Json(record_json(&record)))
 }
@@ -52,7 +51,7 @@ pub async fn cancel(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Deleted>, ApiError> {
     Ok(Json(job_api::delete(&state, &owner, &job_id(path)?).await?))
 }
 

@@ -119,6 +119,9 @@ impl Answer {
         template: RawRequest,
         first_seed: Option<u64>,
     ) -> Result<ImagesResponse, ApiError> {
+        if self.url {
+            job_api::image_store(state)?;
+        }
         let first_seed = first_seed.unwrap_or_else(sdxl_engine::request::random_seed);
         let mut data = Vec::with_capacity(self.n);
         let mut size = String::new();
