@@ -216,7 +216,6 @@ async fn run_one(
     generation: Generation,
     guard: &BatchGuard,
 ) -> Result<Option<sdxl_models::pixels::RgbImage>, ApiError> {
-    let (width, height) = (generation.request.width, generation.request.height);
     let mut ticket = generation::submit(state, owner, generation.request, true)?;
     loop {
         let update = tokio::select! {
@@ -229,11 +228,7 @@ async fn run_one(
                 (s.step, s.steps, s.waiting_behind) = (step, total, None);
                 s.preview = preview.or(s.preview.take());
             }),
-            Update::Done(result) => {
-                let image = result.map_err(ApiError::from_engine)?.image;
-                debug_assert_eq!((image.width, image.height), (width, height));
-                return Ok(Some(image));
-            }
+            Update::Done(result) => return Ok(Some(result.map_err(ApiError::from_engine)?.image)),
         }
     }
 }
