@@ -2,8 +2,10 @@
 //! budget shared by every connection, reserved as their bytes arrive: a body holds twice what
 //! it has sent so far (the bytes, and what parsing makes of them, at most as much again), so a
 //! client that trickles a large upload holds only what it has actually sent, and a small
-//! request is served at once beside it. When the budget is spent, a body waits for more
-//! until its read deadline, then gets 429. Input images are decoded off the async runtime
+//! request is served at once beside it. A body that has not started waits for its first
+//! unit until its read deadline, then gets 429; a body that needs more than is left gets 429
+//! at once and gives back what it held (waiting while holding part of the budget would let
+//! bodies that each hold a part wait for one another until their deadlines). Input images are decoded off the async runtime
 //! (decoding a large PNG takes seconds of CPU, which would stall every connection on that
 //! runtime thread, `/health` included), a few at a time, since each decode may take up to
 //! 256 MiB.
@@ -53,8 +55,8 @@ impl Admission {
 
     /// Reads `body` whole within `timeout`: 413 once more than `limit` bytes arrived (read up
     /// to there even when the declared length is larger, so that the client, still sending,
-    /// gets to read the answer), 408 when it has not all arrived in time, 429 when the budget stays
-    /// spent until then. The reservation comes back with the bytes: keep it while they are
+    /// gets to read the answer), 408 when it has not all arrived in time, 429 when the budget
+    /// stays spent until then before it starts, or is spent when it needs more. The reservation comes back with the bytes: keep it while they are
     /// parsed.
     pub async fn read_body(
         &self,
@@ -63,7 +65,11 @@ impl Admission {
         timeout: Duration,
     ) -> Result<(Bytes, Reservation), ApiError> {
         let deadline = Instant::now() + timeout;
-        let mut reservation = self.reserve(None, 1, deadline).await?;
+        let first = tokio::time::timeout_at(deadline, self.body_units.clone().acquire_owned())
+            .await
+            .map_err(|_| ApiError::BodiesBusy)?
+            .map_err(|_| ApiError::ShuttingDown)?;
+        let mut reservation = Reservation { body: first };
         let mut body = body;
         let mut bytes = Vec::new();
         loop {
@@ -77,35 +83,12 @@ impl Admission {
             }
             let needed = (2 * received).div_ceil(UNIT).clamp(1, self.total_units);
             if needed > reservation.units() {
-                reservation = self.reserve(Some(reservation), needed, deadline).await?;
+                let more = self.body_units.clone().try_acquire_many_owned((needed - reservation.units()) as u32);
+                reservation.body.merge(more.map_err(|_| ApiError::BodiesBusy)?);
             }
             bytes.extend_from_slice(&data);
         }
         Ok((Bytes::from(bytes), reservation))
-    }
-
-    /// Grows `held` (or a new reservation) to `units`, waiting at most until `deadline`.
-    async fn reserve(
-        &self,
-        held: Option<Reservation>,
-        units: usize,
-        deadline: Instant,
-    ) -> Result<Reservation, ApiError> {
-        let more = (units - held.as_ref().map_or(0, Reservation::units)) as u32;
-        let permit = match self.body_units.clone().try_acquire_many_owned(more) {
-            Ok(permit) => permit,
-            Err(_) => tokio::time::timeout_at(deadline, self.body_units.clone().acquire_many_owned(more))
-                .await
-                .map_err(|_| ApiError::BodiesBusy)?
-                .map_err(|_| ApiError::ShuttingDown)?,
-        };
-        Ok(match held {
-            Some(mut reservation) => {
-                reservation.body.merge(permit);
-                reservation
-            }
-            None => Reservation { body: permit },
-        })
     }
 
     /// Runs `work` (validation that may decode images) on the blocking pool, at most
@@ -160,7 +143,7 @@ mod tests {
         assert_eq!(&small[..], b"{\"prompt\":\"x\"}");
         assert!(started.elapsed() < Duration::from_secs(1), "not behind the uploads");
         drop(held);
-        // an upload that needs more than is left waits for it, and gets it once another ends
+        // an upload grows while there is budget left
         let (first, first_tx) = uploads.remove(0);
         let (second, second_tx) = uploads.remove(0);
         first_tx.send(Ok(Bytes::from(vec![b'y'; UNIT]))).await.unwrap();
@@ -171,6 +154,39 @@ mod tests {
         assert_eq!(reservation.units(), 5);
         let (_, second_held) = second.await.unwrap().unwrap();
         assert_eq!(second_held.units(), 3);
+    }
+
+    // regression: bodies that each held part of the budget waited for one another's, all
+    // until their deadlines (12 concurrent 100 MB bodies: 408 after 60 s)
+    #[tokio::test]
+    async fn bodies_that_outgrow_the_budget_are_refused_at_once() {
+        let admission = Arc::new(Admission::new(8 * UNIT, 4 * UNIT, 1));
+        let long = Duration::from_secs(30);
+        let mut uploads = Vec::new();
+        for _ in 0..2 {
+            let (body, tx) = trickled(3 * UNIT / 2);
+            let admission = admission.clone();
+            uploads.push((tokio::spawn(async move { admission.read_body(body, 4 * UNIT, long).await }), tx));
+        }
+        tokio::time::timeout(long, async {
+            while admission.body_units.available_permits() > 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        // both need 2 more units than is left: neither waits
+        let started = std::time::Instant::now();
+        let mut outcomes = Vec::new();
+        for (upload, tx) in uploads {
+            let _ = tx.send(Ok(Bytes::from(vec![b'y'; 2 * UNIT]))).await;
+            drop(tx);
+            outcomes.push(upload.await.unwrap());
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "refused at once, not at the deadline");
+        assert!(outcomes.iter().any(|o| matches!(o, Err(ApiError::BodiesBusy))));
+        drop(outcomes);
+        assert_eq!(admission.body_units.available_permits(), 8, "every unit comes back");
     }
 
     #[tokio::test]

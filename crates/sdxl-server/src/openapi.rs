@@ -117,11 +117,17 @@ fn patch_request(object: &mut Object, name: &str, config: &ServerConfig) {
         p.minimum = Some(Number::Float(0.0));
         p.maximum = Some(Number::Float(limits.max_guidance));
     });
-    // u64: the derive says int64, whose upper half the server accepts too
+    // u64: the derive says int64, whose upper half the server accepts too; AUTOMATIC1111's is
+    // an i64 where -1 means random
     with("seed", &|p| {
         p.format = None;
-        p.minimum = Some(Number::UInt(0));
-        p.maximum = Some(Number::UInt(u64::MAX as usize));
+        if name == "GenerationRequest" {
+            p.minimum = Some(Number::Int(-1));
+            p.maximum = Some(Number::Int(i64::MAX as isize));
+        } else {
+            p.minimum = Some(Number::UInt(0));
+            p.maximum = Some(Number::UInt(u64::MAX as usize));
+        }
     });
     with("prompt", &|p| {
         p.min_length = Some(1);
