@@ -72,6 +72,9 @@ pub enum ApiError {
     /// The body did not wholly arrive within the body-read timeout.
     #[error("the request body did not arrive in time")]
     BodyTimeout,
+    /// The durable job store did not answer; the request may be retried.
+    #[error("the job store is unreachable; retry later")]
+    StoreUnavailable,
     /// The server is draining for shutdown.
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -99,7 +102,7 @@ impl ApiError {
                 (StatusCode::TOO_MANY_REQUESTS, 3040)
             }
             ApiError::Timeout | ApiError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, 3007),
-            ApiError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, 3040),
+            ApiError::ShuttingDown | ApiError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, 3040),
             ApiError::TooManyConnections => (StatusCode::SERVICE_UNAVAILABLE, 3040),
             ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, 3030),
         }
@@ -151,7 +154,7 @@ impl ApiError {
     pub fn retry_after_seconds(&self) -> Option<u64> {
         match self {
             ApiError::QueueFull { retry_after_seconds } => Some(*retry_after_seconds),
-            ApiError::ShareFull { .. } | ApiError::BodiesBusy => Some(5),
+            ApiError::ShareFull { .. } | ApiError::BodiesBusy | ApiError::StoreUnavailable => Some(5),
             ApiError::TooManyConnections => Some(1),
             _ => None,
         }

@@ -25,9 +25,16 @@ fn store(state: &AppState) -> Result<&Arc<dyn JobStore>, ApiError> {
 }
 
 /// A store failure: logged; the client sees a 500.
+/// A store call's result for a client: a store that does not answer is a 503 with
+/// `Retry-After` (never "inference failed"), and marks the store unreachable for `/ready`.
+fn checked<T>(state: &AppState, result: Result<T, StoreError>) -> Result<T, ApiError> {
+    state.store_answered(result.is_ok());
+    result.map_err(store_error)
+}
+
 fn store_error(e: StoreError) -> ApiError {
     tracing::error!(error = %e, "job store failed");
-    ApiError::Internal
+    ApiError::StoreUnavailable
 }
 
 /// Validates a run body and stores it as `owner`'s queued job; answers its id.
@@ -41,13 +48,13 @@ pub async fn submit_body(state: &AppState, owner: &Owner, body: Body) -> Result<
     let stored: StoredRequest = state.inner.admission.decode(move || validate_job_body(&body, &config)).await?;
     drop(reservation);
     let id = crate::jobs::new_id();
-    store.submit(&id, Some(owner.id()), &stored, now_ms()).await.map_err(store_error)?;
+    checked(state, store.submit(&id, Some(owner.id()), &stored, now_ms()).await)?;
     Ok(id)
 }
 
 /// `owner`'s job `id`; 404 if there is none, or it is another owner's.
 pub async fn find(state: &AppState, owner: &Owner, id: &str) -> Result<JobRecord, ApiError> {
-    let record = store(state)?.get(id).await.map_err(store_error)?;
+    let record = checked(state, store(state)?.get(id).await)?;
     record.filter(|r| owner.owns(r.owner.as_deref())).ok_or_else(|| ApiError::UnknownJob(id.into()))
 }
 
@@ -62,7 +69,7 @@ pub struct Deleted {
 }
 
 pub async fn delete(state: &AppState, owner: &Owner, id: &str) -> Result<Deleted, ApiError> {
-    let status = match store(state)?.delete(id, owner.id(), owner.is_anonymous()).await.map_err(store_error)? {
+    let status = match checked(state, store(state)?.delete(id, owner.id(), owner.is_anonymous()).await)? {
         Some(Status::Queued | Status::Running) => "cancelled",
         Some(Status::Done | Status::Failed) => "deleted",
         None => return Err(ApiError::UnknownJob(id.into())),
@@ -129,7 +136,7 @@ pub fn poll_request(body: &[u8]) -> Option<String> {
 pub async fn finished_image(state: &AppState, record: &JobRecord) -> Result<Response, ApiError> {
     match (record.status, &record.error) {
         (Status::Done, _) => {
-            let png = store(state)?.image(&record.id).await.map_err(store_error)?;
+            let png = checked(state, store(state)?.image(&record.id).await)?;
             // deleted between the two reads (its TTL ran out)
             let image = png.ok_or_else(|| ApiError::UnknownJob(record.id.clone()))?;
             // an image stored for a URL answer may be a JPEG or WebP
@@ -171,7 +178,7 @@ pub async fn store_image(
         ApiError::BadRequest("`response_format` \"url\" needs the job store, which this server runs without".into())
     })?;
     let id = format!("{SHARED_PREFIX}{}", crate::jobs::new_id());
-    store.store_done(&id, Some(owner.id()), stored, image, now_ms()).await.map_err(store_error)?;
+    checked(state, store.store_done(&id, Some(owner.id()), stored, image, now_ms()).await)?;
     Ok(format!("{id}.{extension}"))
 }
 
@@ -181,7 +188,7 @@ pub async fn shared_image(state: &AppState, name: &str) -> Result<Response, ApiE
     if !id.starts_with(SHARED_PREFIX) {
         return Err(ApiError::NotFound);
     }
-    let image = store(state)?.image(id).await.map_err(store_error)?.ok_or(ApiError::NotFound)?;
+    let image = checked(state, store(state)?.image(id).await)?.ok_or(ApiError::NotFound)?;
     let content_type = content_type_of(&image);
     let mut response = image.into_response();
     let headers = response.headers_mut();

@@ -44,6 +44,8 @@ struct Inner {
     config: ServerConfig,
     keys: auth::ApiKeys,
     draining: AtomicBool,
+    /// Whether the job store answered its last call (`/ready` fails while it does not).
+    store_reachable: AtomicBool,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     admission: admission::Admission,
     origins: origin::OriginPolicy,
@@ -75,6 +77,7 @@ impl AppState {
             config,
             keys,
             draining,
+            store_reachable: AtomicBool::new(true),
             metrics,
             admission,
             origins,
@@ -107,6 +110,22 @@ impl AppState {
     pub fn start_draining(&self) {
         self.inner.draining.store(true, Ordering::SeqCst);
         self.inner.queue.shutdown();
+    }
+
+    /// Records whether a call to the job store succeeded.
+    pub fn store_answered(&self, answered: bool) {
+        if self.inner.store_reachable.swap(answered, Ordering::SeqCst) != answered {
+            if answered {
+                tracing::info!("the job store answers again");
+            } else {
+                tracing::warn!("the job store is unreachable; /ready answers 503 until it answers");
+            }
+        }
+    }
+
+    /// Whether the job store answered its last call.
+    pub fn store_reachable(&self) -> bool {
+        self.inner.store_reachable.load(Ordering::SeqCst)
     }
 
     /// Whether [`AppState::start_draining`] was called.

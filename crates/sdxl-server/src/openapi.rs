@@ -431,7 +431,13 @@ fn paths(auth: bool) -> utoipa::openapi::Paths {
                 "Readiness",
                 vec![
                     ("200", json_response("Accepting work", ready)),
-                    ("503", json_response("Draining for shutdown", status(&["draining"]))),
+                    (
+                        "503",
+                        json_response(
+                            "Draining for shutdown, or the job store unreachable",
+                            status(&["draining", "store_unreachable"]),
+                        ),
+                    ),
                 ],
             ),
         )

@@ -123,3 +123,175 @@ async fn without_a_store_the_job_routes_do_not_exist() {
     let response = post(&base, "/v1/jobs", json!({"prompt": "x"})).await;
     expect_error(response, StatusCode::NOT_FOUND, 7003).await;
 }
+
+/// The SQLite store behind a switch that makes every call fail, as a database that stopped
+/// answering.
+struct Outage {
+    store: std::sync::Arc<dyn sdxl_server::jobs::JobStore>,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Outage {
+    fn check(&self) -> Result<(), sdxl_server::jobs::StoreError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(sdxl_server::jobs::StoreError("connection refused".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl sdxl_server::jobs::JobStore for Outage {
+    async fn submit(
+        &self,
+        id: &str,
+        owner: Option<&str>,
+        request: &sdxl_server::jobs::StoredRequest,
+        now: i64,
+    ) -> Result<(), sdxl_server::jobs::StoreError> {
+        self.check()?;
+        self.store.submit(id, owner, request, now).await
+    }
+    async fn store_done(
+        &self,
+        id: &str,
+        owner: Option<&str>,
+        request: &sdxl_server::jobs::StoredRequest,
+        image: Vec<u8>,
+        now: i64,
+    ) -> Result<(), sdxl_server::jobs::StoreError> {
+        self.check()?;
+        self.store.store_done(id, owner, request, image, now).await
+    }
+    async fn claim(
+        &self,
+        worker: &str,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Option<sdxl_server::jobs::Claimed>, sdxl_server::jobs::StoreError> {
+        self.check()?;
+        self.store.claim(worker, now, lease_until).await
+    }
+    async fn renew(
+        &self,
+        id: &str,
+        worker: &str,
+        lease_until: i64,
+        step: u64,
+        total: u64,
+    ) -> Result<bool, sdxl_server::jobs::StoreError> {
+        self.check()?;
+        self.store.renew(id, worker, lease_until, step, total).await
+    }
+    async fn finish(
+        &self,
+        id: &str,
+        worker: &str,
+        now: i64,
+        outcome: sdxl_server::jobs::Outcome,
+    ) -> Result<bool, sdxl_server::jobs::StoreError> {
+        self.check()?;
+        self.store.finish(id, worker, now, outcome).await
+    }
+    async fn get(&self, id: &str) -> Result<Option<sdxl_server::jobs::JobRecord>, sdxl_server::jobs::StoreError> {
+        self.check()?;
+        self.store.get(id).await
+    }
+    async fn image(&self, id: &str) -> Result<Option<Vec<u8>>, sdxl_server::jobs::StoreError> {
+        self.check()?;
+        self.store.image(id).await
+    }
+    async fn delete(
+        &self,
+        id: &str,
+        owner: &str,
+        or_ownerless: bool,
+    ) -> Result<Option<sdxl_server::jobs::Status>, sdxl_server::jobs::StoreError> {
+        self.check()?;
+        self.store.delete(id, owner, or_ownerless).await
+    }
+    async fn expire(&self, before: i64) -> Result<u64, sdxl_server::jobs::StoreError> {
+        self.check()?;
+        self.store.expire(before).await
+    }
+    async fn queued(&self) -> Result<u64, sdxl_server::jobs::StoreError> {
+        self.check()?;
+        self.store.queued().await
+    }
+}
+
+/// A server over an [`Outage`] store with a 3 s lease; answers its address and the switch.
+async fn start_with_outage(
+    backend: impl Backend,
+    dir: &std::path::Path,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let sqlite = sdxl_server::jobs::open(&format!("sqlite://{}", dir.join("jobs.db").display())).await.unwrap();
+    let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let store: std::sync::Arc<dyn sdxl_server::jobs::JobStore> =
+        std::sync::Arc::new(Outage { store: sqlite, down: down.clone() });
+    let queue = Queue::start(backend, QueueConfig::with_capacity(4));
+    let state = AppState::with_jobs(queue, ServerConfig::default(), Some(store.clone()));
+    let config = RunnerConfig {
+        worker: "test".into(),
+        lease: Duration::from_secs(3),
+        ttl: Duration::from_secs(3600),
+        poll: Duration::from_millis(20),
+    };
+    tokio::spawn(runner::run(state.clone(), store, config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(axum::serve(listener, app(state)).into_future());
+    (format!("http://{address}"), down)
+}
+
+async fn ready_status(base: &str) -> StatusCode {
+    reqwest::get(format!("{base}/ready")).await.unwrap().status()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_store_is_a_503_and_not_ready_until_it_answers_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, down) = start_with_outage(SlowBackend::new(Duration::ZERO), dir.path()).await;
+    down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let response = post(&base, "/v1/jobs", json!({"prompt": "x", "num_steps": 1, "width": 256, "height": 256})).await;
+    assert_eq!(response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string()), Some("5".into()));
+    expect_error(response, StatusCode::SERVICE_UNAVAILABLE, 3040).await;
+    assert_eq!(ready_status(&base).await, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reqwest::get(format!("{base}/health")).await.unwrap().status(), StatusCode::OK);
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
+    // the runner's next claim finds the store answering again
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ready_status(&base).await != StatusCode::OK {
+        assert!(Instant::now() < deadline, "still not ready after the store came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let response = post(&base, "/v1/jobs", json!({"prompt": "x", "num_steps": 1, "width": 256, "height": 256})).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    assert_eq!(await_job(&base, &id).await["status"], json!("done"));
+}
+
+// regression: one failed lease renewal dropped the ticket (the generation stopped and the job
+// ran again), and a failed `finish` threw the finished image away
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_rides_out_a_store_outage_shorter_than_its_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = SlowBackend::new(Duration::from_millis(100));
+    let steps_run = backend.steps_run.clone();
+    let (base, down) = start_with_outage(backend, dir.path()).await;
+    let body = json!({"prompt": "x", "num_steps": 20, "width": 256, "height": 256});
+    let id = post(&base, "/v1/jobs", body).await.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    while steps_run.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // down for 2 s of the 3 s lease, past the end of the generation (2 s of steps)
+    down.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let job = await_job(&base, &id).await;
+    assert_eq!((job["status"].as_str(), job["attempts"].as_u64()), (Some("done"), Some(1)), "{job}");
+    assert_eq!(steps_run.load(std::sync::atomic::Ordering::SeqCst), 20, "the generation ran once, whole");
+    let image = reqwest::get(format!("{base}/v1/jobs/{id}/image")).await.unwrap();
+    assert_eq!(image.status(), StatusCode::OK);
+}

@@ -89,7 +89,7 @@ pub struct Claimed {
 }
 
 /// How a job ended.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Outcome {
     /// The PNG.
     Done(Vec<u8>),

@@ -60,7 +60,9 @@ pub async fn run(state: AppState, store: Arc<dyn JobStore>, config: RunnerConfig
             continue;
         }
         let now = now_ms();
-        match store.claim(&config.worker, now, now + config.lease.as_millis() as i64).await {
+        let claimed = store.claim(&config.worker, now, now + config.lease.as_millis() as i64).await;
+        state.store_answered(claimed.is_ok());
+        match claimed {
             Ok(Some(job)) => {
                 busy_since = None;
                 if let Err(e) = run_job(&state, store.as_ref(), &config, job).await {
@@ -88,6 +90,49 @@ async fn expire(state: AppState, store: Arc<dyn JobStore>, ttl: Duration) {
             Ok(0) => {}
             Ok(n) => tracing::info!(jobs = n, "deleted finished jobs past their TTL"),
             Err(e) => tracing::warn!(error = %e, "cannot delete expired jobs"),
+        }
+    }
+}
+
+/// How long a finished job's result is kept in memory, retrying, while the store does not
+/// answer.
+const FINISH_RETRY_FOR: Duration = Duration::from_secs(600);
+
+/// Stores how a job ended, retrying (1 s, doubling to 16 s) while the store does not answer,
+/// so that a finished image outlives a store outage of up to [`FINISH_RETRY_FOR`].
+async fn store_outcome(
+    state: &AppState,
+    store: &dyn JobStore,
+    config: &RunnerConfig,
+    id: &str,
+    (step, total): (u64, u64),
+    outcome: Outcome,
+) {
+    let lease = config.lease.as_millis() as i64;
+    let give_up = Instant::now() + FINISH_RETRY_FOR;
+    let mut wait = Duration::from_secs(1);
+    loop {
+        // the last progress first (renewals come once a second; a short job may have had none)
+        let stored = match store.renew(id, &config.worker, now_ms() + lease, step, total).await {
+            Ok(true) => store.finish(id, &config.worker, now_ms(), outcome.clone()).await,
+            other => other,
+        };
+        state.store_answered(stored.is_ok());
+        match stored {
+            Ok(true) => return,
+            Ok(false) => {
+                tracing::info!(job = %id, "the job was deleted or taken over before it finished");
+                return;
+            }
+            Err(e) if Instant::now() + wait < give_up => {
+                tracing::warn!(job = %id, error = %e, retry_in_s = wait.as_secs(), "cannot store the job's result");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(16));
+            }
+            Err(e) => {
+                tracing::error!(job = %id, error = %e, "gave up storing the job's result; it runs again elsewhere");
+                return;
+            }
         }
     }
 }
@@ -129,6 +174,9 @@ async fn run_job(
     };
     let (mut step, mut total) = (0, 0);
     let mut renewal = tokio::time::interval(Duration::from_secs(1).min(config.lease / 3));
+    // the lease as this server last renewed it: a store that does not answer for a while
+    // does not stop the generation, only a lease that has really run out does
+    let mut lease_until = Instant::now() + config.lease;
     let outcome = loop {
         tokio::select! {
             update = ticket.next() => match update {
@@ -141,17 +189,25 @@ async fn run_job(
                 Update::Done(Err(e)) => break failed(ApiError::from_engine(e)),
             },
             _ = renewal.tick() => {
-                if !store.renew(&id, &config.worker, now_ms() + lease, step, total).await? {
-                    tracing::info!(job = %id, "the job was deleted or taken over; stopping it");
-                    return Ok(()); // dropping the ticket stops the generation
+                let renewed = store.renew(&id, &config.worker, now_ms() + lease, step, total).await;
+                state.store_answered(renewed.is_ok());
+                match renewed {
+                    Ok(true) => lease_until = Instant::now() + config.lease,
+                    Ok(false) => {
+                        tracing::info!(job = %id, "the job was deleted or taken over; stopping it");
+                        return Ok(()); // dropping the ticket stops the generation
+                    }
+                    Err(e) if Instant::now() < lease_until => {
+                        tracing::warn!(job = %id, error = %e, "cannot renew the lease; the job goes on, retrying");
+                    }
+                    Err(e) => {
+                        tracing::warn!(job = %id, error = %e, "the lease ran out while the store did not answer; stopping");
+                        return Ok(());
+                    }
                 }
             }
         }
     };
-    // the last progress first (renewals come once a second; a short job may have had none)
-    let still_ours = store.renew(&id, &config.worker, now_ms() + lease, step, total).await?;
-    if !still_ours || !store.finish(&id, &config.worker, now_ms(), outcome).await? {
-        tracing::info!(job = %id, "the job was deleted or taken over before it finished");
-    }
+    store_outcome(state, store, config, &id, (step, total), outcome).await;
     Ok(())
 }

@@ -40,7 +40,8 @@ pub(super) fn add_paths(paths: PathsBuilder, auth: bool, png: &Response) -> Path
             .parameter(id())
             .response("400", error("An id that is not valid UTF-8 (code 5006)"))
             .response("404", error("No job with that id, or it expired (code 7003)"))
-            .response("500", error("The job store failed (code 3030)"));
+            .response("500", error("The job store failed (code 3030)"))
+            .response("503", error("The job store is unreachable; retry after `Retry-After` seconds (code 3040)"));
         if auth {
             operation = operation.response("401", error("Missing or unknown bearer token (code 10000)"));
         }

@@ -14,10 +14,13 @@ pub async fn health() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))
 }
 
-/// 200 while accepting work; 503 once draining for shutdown.
+/// 200 while accepting work; 503 once draining for shutdown, and while the job store does
+/// not answer (back to 200 by itself once it does).
 pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     if state.draining() {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "draining" })))
+    } else if !state.store_reachable() {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "store_unreachable" })))
     } else {
         (
             StatusCode::OK,
