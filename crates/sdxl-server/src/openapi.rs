@@ -130,7 +130,8 @@ fn patch_request(object: &mut Object, name: &str, config: &ServerConfig) {
         }
     });
     with("prompt", &|p| {
-        p.min_length = Some(1);
+        // AUTOMATIC1111 takes an empty prompt (an unconditional image)
+        p.min_length = (name != "GenerationRequest").then_some(1);
         p.max_length = Some(sdxl_engine::request::MAX_PROMPT_CHARS);
     });
     with("negative_prompt", &|p| p.max_length = Some(sdxl_engine::request::MAX_PROMPT_CHARS));

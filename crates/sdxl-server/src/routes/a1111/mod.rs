@@ -155,6 +155,14 @@ async fn plan(state: &AppState, wire: GenerationRequest, img2img: bool) -> Resul
             return Err(invalid(field, "at least 1", value));
         }
     }
+    // checked on txt2img too, where they are otherwise unused: out of range is a schema
+    // violation either way
+    if let Some(strength) = wire.denoising_strength.filter(|s| !(0.0..=1.0).contains(s)) {
+        return Err(invalid("denoising_strength", "between 0 and 1", strength));
+    }
+    if let Some(invert) = wire.inpainting_mask_invert.filter(|i| *i > 1) {
+        return Err(invalid("inpainting_mask_invert", "0 or 1", invert));
+    }
     let count = batch_size.saturating_mul(n_iter);
     if count > MAX_IMAGES {
         return Err(invalid("batch_size", &format!("such that batch_size × n_iter is at most {MAX_IMAGES}"), count));

@@ -55,6 +55,7 @@ pub struct GenerationRequest {
     #[schema(minimum = 0.0, maximum = 1.0)]
     pub denoising_strength: Option<f64>,
     /// img2img: 1 repaints the mask's black area instead of its white.
+    #[schema(minimum = 0, maximum = 1)]
     #[serde(default, deserialize_with = "crate::wire::optional_integer")]
     pub inpainting_mask_invert: Option<u8>,
     /// img2img: echo the input images in `parameters`.
