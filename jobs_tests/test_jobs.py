@@ -353,6 +353,45 @@ def test_failed_job():
 
 # --- 4c --------------------------------------------------------------------------------------
 
+def test_poison_job():
+    """A job whose server dies each time it runs it (SIGKILL, as an OOM kill or a crash in
+    native code) is failed after --job-max-attempts, and the job submitted behind it runs
+    first and completes."""
+    directory = data_dir("poison")
+    flags = ("--data-dir", directory, "--job-lease", 3, "--job-max-attempts", 2)
+    server = Server("poison-1", *flags)
+    poison = fresh = None
+    try:
+        poison = server.submit(body(71, size=320, steps=20)).json()["id"]
+        fresh = server.submit(body(72, size=256, steps=4)).json()["id"]
+        server.wait_job(poison, is_running_with_progress, what="running with progress")
+        server.kill(signal.SIGKILL)
+    finally:
+        server.kill()
+    # the next server runs the fresh job first (the poison one backs off), then the poison
+    # one again, and dies in it too
+    server = Server("poison-2", *flags)
+    try:
+        done = server.wait_job(fresh, timeout=120)
+        check("the job behind it ran first and completed", done["status"] == "done" and done["attempts"] == 1,
+              status=done["status"], ran=server.jobs_run())
+        server.wait_job(poison, lambda job: job["attempts"] == 2 and is_running_with_progress(job), timeout=120,
+                        what="running again")
+        server.kill(signal.SIGKILL)
+    finally:
+        server.kill()
+    with Server("poison-3", *flags) as server:
+        job = server.wait_job(poison, timeout=120)
+        error = job.get("error") or {}
+        check("after 2 attempts it is failed with the gave-up code, and not run a third time",
+              job["status"] == "failed" and job["attempts"] == 2 and error.get("code") == 3031
+              and "gave up after 2 attempts" in error.get("message", "") and poison not in server.jobs_run(),
+              status=job["status"], attempts=job["attempts"], error=error)
+        check("the give-up is counted on /metrics", server.metric('sdxl_jobs_total{outcome="gave_up"}') == 1)
+
+
+# --- 4d --------------------------------------------------------------------------------------
+
 def test_auth():
     """With --api-key every job route wants the key; a 64-bit seed survives as a string."""
     with Server("auth", "--data-dir", data_dir("auth"), "--api-key", "secret-key") as server:
@@ -509,7 +548,7 @@ def test_postgres_fleet():
 
 
 TESTS = [test_sqlite_round_trip, test_sqlite_restart, test_cancellation, test_expiry, test_expiry_while_busy,
-         test_failed_job, test_auth, test_postgres_fleet]
+         test_failed_job, test_poison_job, test_auth, test_postgres_fleet]
 
 
 def main(argv):

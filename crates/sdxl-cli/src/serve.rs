@@ -119,6 +119,10 @@ pub struct ServeArgs {
     /// run again after it.
     #[arg(long, env = "SDXL_JOB_LEASE", default_value_t = 30)]
     job_lease: u64,
+    /// Claims after which a stored job whose server stops while running it (a crash, OOM,
+    /// SIGKILL) is failed instead of run again.
+    #[arg(long, env = "SDXL_JOB_MAX_ATTEMPTS", default_value_t = 3, value_name = "N")]
+    job_max_attempts: u32,
     /// Seconds finished jobs and their images are kept.
     #[arg(long, env = "SDXL_JOB_TTL", default_value_t = 86_400)]
     job_ttl: u64,
@@ -184,6 +188,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             anyhow::bail!("`{flag}` must be at least 1, got 0");
         }
     }
+    if args.job_max_attempts == 0 {
+        anyhow::bail!("`--job-max-attempts` must be at least 1, got 0");
+    }
     if args.job_lease < 3 {
         anyhow::bail!("`--job-lease` must be at least 3 seconds, got {}", args.job_lease);
     }
@@ -199,6 +206,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         lease: Duration::from_secs(args.job_lease),
         ttl: Duration::from_secs(args.job_ttl),
         poll: Duration::from_millis(250),
+        max_attempts: args.job_max_attempts,
     };
     tracing::info!(store = %redact(&jobs_url), worker = %runner.worker, "job store open");
     let runner = runtime.spawn(runner::run(state.clone(), store, runner));

@@ -26,6 +26,7 @@ async fn start_with_jobs(backend: impl Backend, dir: &std::path::Path) -> String
         lease: Duration::from_secs(30),
         ttl: Duration::from_secs(3600),
         poll: Duration::from_millis(20),
+        max_attempts: 3,
     };
     tokio::spawn(runner::run(state.clone(), store, config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -237,6 +238,7 @@ async fn start_with_outage(
         lease: Duration::from_secs(3),
         ttl: Duration::from_secs(3600),
         poll: Duration::from_millis(20),
+        max_attempts: 3,
     };
     tokio::spawn(runner::run(state.clone(), store, config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -32,6 +32,7 @@ async fn start_shared(backend: impl Backend, capacity: usize, share: usize, dir:
         lease: Duration::from_secs(30),
         ttl: Duration::from_secs(3600),
         poll: Duration::from_millis(20),
+        max_attempts: 3,
     };
     tokio::spawn(runner::run(state.clone(), store, runner_config));
     serve(state).await

@@ -121,8 +121,14 @@ pub trait JobStore: Send + Sync {
         image: Vec<u8>,
         now: i64,
     ) -> Result<(), StoreError>;
-    /// Claims the oldest job that is queued, or running with its lease run out, for `worker`
-    /// until `lease_until`.
+    /// Fails every job whose lease has run out after `max_attempts` claims (each time, the
+    /// server running it stopped: a job that kills its server must not crash-loop the fleet),
+    /// with [`GAVE_UP_CODE`]; answers how many.
+    async fn give_up(&self, now: i64, max_attempts: u32) -> Result<u64, StoreError>;
+    /// Claims a job for `worker` until `lease_until`: the oldest queued one; else the oldest
+    /// running one whose lease ran out at least `attempts × lease` ago (the lease being
+    /// `lease_until - now`), a backoff that grows with each lapse, so a job whose server died
+    /// waits behind every job that never ran.
     async fn claim(&self, worker: &str, now: i64, lease_until: i64) -> Result<Option<Claimed>, StoreError>;
     /// Extends `worker`'s lease and records its progress; `false` if the job is no longer
     /// `worker`'s to run (deleted, or claimed by another after the lease ran out).
@@ -140,6 +146,14 @@ pub trait JobStore: Send + Sync {
     async fn expire(&self, before: i64) -> Result<u64, StoreError>;
     /// Jobs waiting to be claimed.
     async fn queued(&self) -> Result<u64, StoreError>;
+}
+
+/// The Workers AI-style code of a job given up after its attempts (HTTP 500).
+pub const GAVE_UP_CODE: u32 = 3031;
+
+/// The stored message of a job given up after `attempts`.
+pub fn gave_up_message(attempts: u32) -> String {
+    format!("gave up after {attempts} attempts; the server running it stopped each time")
 }
 
 /// Opens (creating its table if needed) the store at `url`: `sqlite://PATH` or

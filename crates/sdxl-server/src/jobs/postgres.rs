@@ -98,13 +98,29 @@ impl JobStore for PostgresStore {
         Ok(())
     }
 
+    async fn give_up(&self, now: i64, max_attempts: u32) -> Result<u64, StoreError> {
+        let failed = sqlx::query(
+            "UPDATE sdxl_jobs SET status = 'failed', error_status = 500, error_code = $1, error_message = $2,
+                 finished_at = $3, lease_until = NULL
+             WHERE status = 'running' AND lease_until < $3 AND attempts >= $4",
+        )
+        .bind(i64::from(super::GAVE_UP_CODE))
+        .bind(super::gave_up_message(max_attempts))
+        .bind(now)
+        .bind(i64::from(max_attempts))
+        .execute(&self.pool)
+        .await?;
+        Ok(failed.rows_affected())
+    }
+
     async fn claim(&self, worker: &str, now: i64, lease_until: i64) -> Result<Option<Claimed>, StoreError> {
         let row = sqlx::query(
             "UPDATE sdxl_jobs SET status = 'running', worker = $1, lease_until = $2, step = 0, total = 0,
                  attempts = attempts + 1, started_at = $3
              WHERE seq = (SELECT seq FROM sdxl_jobs
-                          WHERE status = 'queued' OR (status = 'running' AND lease_until < $3)
-                          ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED)
+                          WHERE status = 'queued'
+                             OR (status = 'running' AND lease_until + ($2 - $3) * attempts < $3)
+                          ORDER BY status = 'running', seq LIMIT 1 FOR UPDATE SKIP LOCKED)
              RETURNING id, request",
         )
         .bind(worker)

@@ -34,6 +34,8 @@ pub struct RunnerConfig {
     pub ttl: Duration,
     /// How often an idle runner looks for work.
     pub poll: Duration,
+    /// Claims after which a job whose lease keeps running out is failed.
+    pub max_attempts: u32,
 }
 
 /// A worker name unique to this process: host, process id and a random suffix.
@@ -60,6 +62,17 @@ pub async fn run(state: AppState, store: Arc<dyn JobStore>, config: RunnerConfig
             continue;
         }
         let now = now_ms();
+        match store.give_up(now, config.max_attempts).await {
+            Ok(0) | Err(_) => {}
+            Ok(n) => {
+                tracing::warn!(
+                    jobs = n,
+                    attempts = config.max_attempts,
+                    "gave up on jobs whose server stopped each time"
+                );
+                metrics::counter!(sdxl_engine::metric_names::JOBS_TOTAL, sdxl_engine::metric_names::OUTCOME => "gave_up").increment(n);
+            }
+        }
         let claimed = store.claim(&config.worker, now, now + config.lease.as_millis() as i64).await;
         state.store_answered(claimed.is_ok());
         match claimed {

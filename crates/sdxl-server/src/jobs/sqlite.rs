@@ -104,13 +104,29 @@ impl JobStore for SqliteStore {
         Ok(())
     }
 
+    async fn give_up(&self, now: i64, max_attempts: u32) -> Result<u64, StoreError> {
+        let failed = sqlx::query(
+            "UPDATE sdxl_jobs SET status = 'failed', error_status = 500, error_code = ?1, error_message = ?2,
+                 finished_at = ?3, lease_until = NULL
+             WHERE status = 'running' AND lease_until < ?3 AND attempts >= ?4",
+        )
+        .bind(i64::from(super::GAVE_UP_CODE))
+        .bind(super::gave_up_message(max_attempts))
+        .bind(now)
+        .bind(i64::from(max_attempts))
+        .execute(&self.pool)
+        .await?;
+        Ok(failed.rows_affected())
+    }
+
     async fn claim(&self, worker: &str, now: i64, lease_until: i64) -> Result<Option<Claimed>, StoreError> {
         let row = sqlx::query(
             "UPDATE sdxl_jobs SET status = 'running', worker = ?1, lease_until = ?2, step = 0, total = 0,
                  attempts = attempts + 1, started_at = ?3
              WHERE seq = (SELECT seq FROM sdxl_jobs
-                          WHERE status = 'queued' OR (status = 'running' AND lease_until < ?3)
-                          ORDER BY seq LIMIT 1)
+                          WHERE status = 'queued'
+                             OR (status = 'running' AND lease_until + (?2 - ?3) * attempts < ?3)
+                          ORDER BY status = 'running', seq LIMIT 1)
              RETURNING id, request",
         )
         .bind(worker)
@@ -275,14 +291,40 @@ mod tests {
         store.claim("dead", 0, 1_000).await.unwrap().unwrap();
         assert!(store.renew("a", "dead", 1_500, 1, 4).await.unwrap(), "its own lease renews");
         assert!(store.claim("live", 1_000, 11_000).await.unwrap().is_none(), "the lease still runs");
-        let again = store.claim("live", 1_600, 11_600).await.unwrap().expect("the lapsed job is claimed again");
+        // lapsed at 1 500, then one lease (10 000) of backoff for its one attempt
+        assert!(store.claim("live", 11_000, 21_000).await.unwrap().is_none(), "backing off");
+        let again = store.claim("live", 11_600, 21_600).await.unwrap().expect("the lapsed job is claimed again");
         assert_eq!(again.id, "a");
-        assert!(!store.renew("a", "dead", 2_000, 2, 4).await.unwrap(), "the first worker lost it");
-        assert!(!store.finish("a", "dead", 2_000, Outcome::Done(vec![1])).await.unwrap());
-        assert!(store.finish("a", "live", 3_000, Outcome::Done(vec![7, 7])).await.unwrap());
+        assert!(!store.renew("a", "dead", 12_000, 2, 4).await.unwrap(), "the first worker lost it");
+        assert!(!store.finish("a", "dead", 12_000, Outcome::Done(vec![1])).await.unwrap());
+        assert!(store.finish("a", "live", 13_000, Outcome::Done(vec![7, 7])).await.unwrap());
         let a = store.get("a").await.unwrap().unwrap();
-        assert_eq!((a.status, a.attempts, a.finished_at), (Status::Done, 2, Some(3_000)));
+        assert_eq!((a.status, a.attempts, a.finished_at), (Status::Done, 2, Some(13_000)));
         assert_eq!(store.image("a").await.unwrap(), Some(vec![7, 7]));
+    }
+
+    // regression: a job whose run killed its server was claimed again forever, lowest seq
+    // first, ahead of every newer job
+    #[tokio::test]
+    async fn a_job_whose_server_keeps_dying_waits_behind_new_jobs_then_is_given_up() {
+        let (_dir, store) = store().await;
+        store.submit("poison", Some("owner"), &request("p", 1), 0).await.unwrap();
+        store.claim("w1", 0, 1_000).await.unwrap().unwrap();
+        store.submit("fresh", Some("owner"), &request("f", 2), 500).await.unwrap();
+        // w1 died: at 5 000 the poison job is claimable again, but the fresh one goes first
+        assert_eq!(store.claim("w2", 5_000, 6_000).await.unwrap().unwrap().id, "fresh");
+        assert_eq!(store.claim("w3", 5_000, 6_000).await.unwrap().unwrap().id, "poison");
+        // w3 died too: two attempts, the most allowed
+        assert_eq!(store.give_up(5_500, 2).await.unwrap(), 0, "its lease still runs");
+        assert_eq!(store.give_up(7_000, 2).await.unwrap(), 1);
+        let poison = store.get("poison").await.unwrap().unwrap();
+        assert_eq!((poison.status, poison.attempts), (Status::Failed, 2));
+        let error = poison.error.unwrap();
+        assert_eq!((error.status, error.code), (500, super::super::GAVE_UP_CODE));
+        assert!(error.message.contains("gave up after 2 attempts"), "{}", error.message);
+        assert_eq!(store.get("fresh").await.unwrap().unwrap().status, Status::Running, "one attempt: not given up");
+        assert!(store.finish("fresh", "w2", 7_500, Outcome::Done(vec![1])).await.unwrap());
+        assert!(store.claim("w4", 100_000, 101_000).await.unwrap().is_none(), "never claimed again");
     }
 
     #[tokio::test]
