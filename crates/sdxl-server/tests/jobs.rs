@@ -165,6 +165,10 @@ impl sdxl_server::jobs::JobStore for Outage {
         self.check()?;
         self.store.store_done(id, owner, request, image, now).await
     }
+    async fn give_up(&self, now: i64, max_attempts: u32) -> Result<u64, sdxl_server::jobs::StoreError> {
+        self.check()?;
+        self.store.give_up(now, max_attempts).await
+    }
     async fn claim(
         &self,
         worker: &str,
