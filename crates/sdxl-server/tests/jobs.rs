@@ -19,11 +19,20 @@ const SHORT_RUN: &str = "/ai/run/@cf/bytedance/stable-diffusion-xl-lightning";
 /// A server with an SQLite job store in `dir` and its runner.
 async fn start_with_jobs(backend: impl Backend, dir: &std::path::Path) -> String {
     let store = sdxl_server::jobs::open(&format!("sqlite://{}", dir.join("jobs.db").display())).await.unwrap();
+    serve_with_store(backend, store, Duration::from_secs(30)).await
+}
+
+/// A server over `store` with its runner (leases of `lease`); answers its address.
+async fn serve_with_store(
+    backend: impl Backend,
+    store: std::sync::Arc<dyn sdxl_server::jobs::JobStore>,
+    lease: Duration,
+) -> String {
     let queue = Queue::start(backend, QueueConfig::with_capacity(4));
     let state = AppState::with_jobs(queue, ServerConfig::default(), Some(store.clone()));
     let config = RunnerConfig {
         worker: "test".into(),
-        lease: Duration::from_secs(30),
+        lease,
         ttl: Duration::from_secs(3600),
         poll: Duration::from_millis(20),
         max_attempts: 3,
@@ -233,22 +242,8 @@ async fn start_with_outage(
 ) -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>) {
     let sqlite = sdxl_server::jobs::open(&format!("sqlite://{}", dir.join("jobs.db").display())).await.unwrap();
     let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let store: std::sync::Arc<dyn sdxl_server::jobs::JobStore> =
-        std::sync::Arc::new(Outage { store: sqlite, down: down.clone() });
-    let queue = Queue::start(backend, QueueConfig::with_capacity(4));
-    let state = AppState::with_jobs(queue, ServerConfig::default(), Some(store.clone()));
-    let config = RunnerConfig {
-        worker: "test".into(),
-        lease: Duration::from_secs(3),
-        ttl: Duration::from_secs(3600),
-        poll: Duration::from_millis(20),
-        max_attempts: 3,
-    };
-    tokio::spawn(runner::run(state.clone(), store, config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(axum::serve(listener, app(state)).into_future());
-    (format!("http://{address}"), down)
+    let store = std::sync::Arc::new(Outage { store: sqlite, down: down.clone() });
+    (serve_with_store(backend, store, Duration::from_secs(3)).await, down)
 }
 
 async fn ready_status(base: &str) -> StatusCode {
