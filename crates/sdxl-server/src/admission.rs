@@ -119,11 +119,15 @@ mod tests {
         (Body::from_stream(stream), tx)
     }
 
-    #[tokio::test]
-    async fn a_body_holds_what_it_has_sent_and_small_ones_pass_beside_it() {
-        let admission = Arc::new(Admission::new(8 * UNIT, 4 * UNIT, 1));
-        let long = Duration::from_secs(30);
-        // two uploads that declared nothing and sent 1.5 MiB each: 3 units each, not 2 x limit
+    /// What [`Admission::read_body`] answers for an upload, and the sender of its rest.
+    type Upload = (
+        tokio::task::JoinHandle<Result<(Bytes, Reservation), ApiError>>,
+        tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+    );
+
+    /// Two uploads that declared nothing and sent 1.5 MiB each, read until each holds its 3
+    /// units (twice what it sent) of a budget of 8.
+    async fn two_uploads_of_one_and_a_half_units(admission: &Arc<Admission>, long: Duration) -> Vec<Upload> {
         let mut uploads = Vec::new();
         for _ in 0..2 {
             let (body, tx) = trickled(3 * UNIT / 2);
@@ -137,6 +141,14 @@ mod tests {
         })
         .await
         .unwrap();
+        uploads
+    }
+
+    #[tokio::test]
+    async fn a_body_holds_what_it_has_sent_and_small_ones_pass_beside_it() {
+        let admission = Arc::new(Admission::new(8 * UNIT, 4 * UNIT, 1));
+        let long = Duration::from_secs(30);
+        let mut uploads = two_uploads_of_one_and_a_half_units(&admission, long).await;
         assert_eq!(admission.body_units.available_permits(), 2, "each holds twice what it sent");
         let started = std::time::Instant::now();
         let (small, held) = admission.read_body(Body::from("{\"prompt\":\"x\"}"), 4 * UNIT, long).await.unwrap();
@@ -162,19 +174,7 @@ mod tests {
     async fn bodies_that_outgrow_the_budget_are_refused_at_once() {
         let admission = Arc::new(Admission::new(8 * UNIT, 4 * UNIT, 1));
         let long = Duration::from_secs(30);
-        let mut uploads = Vec::new();
-        for _ in 0..2 {
-            let (body, tx) = trickled(3 * UNIT / 2);
-            let admission = admission.clone();
-            uploads.push((tokio::spawn(async move { admission.read_body(body, 4 * UNIT, long).await }), tx));
-        }
-        tokio::time::timeout(long, async {
-            while admission.body_units.available_permits() > 2 {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .unwrap();
+        let uploads = two_uploads_of_one_and_a_half_units(&admission, long).await;
         // both need 2 more units than is left: neither waits
         let started = std::time::Instant::now();
         let mut outcomes = Vec::new();
