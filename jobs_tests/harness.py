@@ -77,17 +77,20 @@ class Server:
 
     started = []  # every server this process started, for the last-resort cleanup
 
-    def __init__(self, name, *extra, ready_timeout=120):
+    def __init__(self, name, *extra, ready_timeout=120, prefix=(), env=None):
+        """`prefix`: a command that runs the server (`faketime -f +2d`); `env`: more variables."""
         LOGS.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.log_path = LOGS / f"{name}.log"
         self.args = [
-            str(BINARY), "serve", "--model", str(MODEL), "--host", "127.0.0.1", "--port", "0",
+            *prefix, str(BINARY), "serve", "--model", str(MODEL), "--host", "127.0.0.1", "--port", "0",
             *[str(a) for a in extra],
         ]
         # hermetic: no SDXL_* settings (API keys, job store, …) from the caller's environment
+        extra_env = env or {}
         env = {k: v for k, v in os.environ.items() if not k.startswith("SDXL_")}
         env.setdefault("RUST_LOG", "info")
+        env.update(extra_env)
         self.log = open(self.log_path, "ab")
         self.log.write(f"=== {' '.join(self.args)}\n".encode())
         self.log.flush()
@@ -144,8 +147,8 @@ class Server:
     def get(self, path, timeout=30):
         return self.request("GET", path, timeout=timeout)
 
-    def post(self, path, body, timeout=30):
-        return self.request("POST", path, body, timeout=timeout)
+    def post(self, path, body, timeout=30, headers=None):
+        return self.request("POST", path, body, timeout=timeout, headers=headers)
 
     def delete(self, path, timeout=30):
         return self.request("DELETE", path, timeout=timeout)

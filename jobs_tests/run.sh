@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Process-level tests of `sdxl serve`'s durable asynchronous jobs on the tiny test model:
-# the SQLite store (round trip, restart, cancellation, expiry) and a two-server PostgreSQL
-# fleet with one server SIGKILLed mid-job. Starts a throwaway PostgreSQL cluster on
-# 127.0.0.1 (installing Debian's postgresql if initdb/pg_ctl are missing) and removes it on
-# exit. Prints PASS/FAIL per check and a summary; exits non-zero if any check failed.
-#   bash jobs_tests/run.sh [TEST…]   (TEST: sqlite_round_trip sqlite_restart cancellation
-#                                     expiry failed_job auth postgres_fleet; default: these;
-#                                     expiry_while_busy runs only when named)
+# the SQLite store (round trip, restart, cancellation, expiry), a two-server PostgreSQL fleet
+# with one server SIGKILLed mid-job, and the store's faults (a stalled SQLite, a stopped
+# PostgreSQL, a server whose clock runs fast under faketime). Starts a throwaway PostgreSQL
+# cluster on 127.0.0.1 (installing Debian's postgresql and faketime if missing) and removes
+# it on exit. Prints PASS/FAIL per check and a summary; exits non-zero if any check failed.
+#   bash jobs_tests/run.sh [TEST…]   (default: all of them; the names are in test_jobs.py's
+#                                     TESTS, without `test_`)
 # Server logs (and PostgreSQL's) end up in target/jobs-tests/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +36,11 @@ if ! find_pg; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql
   find_pg || { echo "postgresql installed but no initdb/pg_ctl found" >&2; exit 1; }
+fi
+# faketime: a fleet server whose clock runs two days fast
+if ! command -v faketime >/dev/null; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq faketime
 fi
 
 # PostgreSQL refuses to run as root: then it runs as the `postgres` system user.
@@ -84,6 +89,11 @@ PG_STARTED=1
   { cat "$PGDIR/postgres.log" >&2; exit 1; }
 (cd "$PGDIR" && as_pg "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U postgres sdxl_jobs)
 export SDXL_TEST_PG_URL="postgres://postgres@127.0.0.1:$PG_PORT/sdxl_jobs"
+# for the outage test, which stops the cluster and starts it again on the same port
+PG_AS=$([ "$(id -u)" -eq 0 ] && echo "runuser -u postgres --")
+export SDXL_TEST_PG_STOP="cd $PGDIR && $PG_AS $PG_BIN/pg_ctl -D $PGDIR/data -m fast -w -t 30 stop"
+export SDXL_TEST_PG_START="cd $PGDIR && $PG_AS $PG_BIN/pg_ctl -D $PGDIR/data -l $PGDIR/postgres.log -w -t 60 \
+  -o '-h 127.0.0.1 -p $PG_PORT -k $PGDIR -F' start"
 echo "PostgreSQL $("$PG_BIN/pg_ctl" --version | awk '{print $3}') in $PGDIR, on 127.0.0.1:$PG_PORT"
 
 export JOBS_TEST_TMP=$WORK/tests

@@ -9,9 +9,12 @@ empty PostgreSQL database (jobs_tests/run.sh starts a throwaway cluster and sets
 logs go to target/jobs-tests/. Prints PASS/FAIL per check; exits 1 if any failed."""
 
 import atexit
+import contextlib
 import os
 import shutil
 import signal
+import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -547,8 +550,172 @@ def test_postgres_fleet():
                      pngs, expected)
 
 
+# --- store faults, bounds, clocks -------------------------------------------------------------
+
+def test_store_stall():
+    """A writer holds SQLite's lock for 15 s (five 3 s leases) while a job runs: the job goes
+    on, its lease is renewed once the store answers, and it is done once (attempts 1) with its
+    image stored."""
+    directory = data_dir("stall")
+    with Server("stall", "--data-dir", directory, "--job-lease", 3) as server:
+        job_id = server.submit(body(81, size=320, steps=40)).json()["id"]
+        server.wait_job(job_id, is_running_with_progress, what="running with progress")
+        stalled_at = server.job(job_id)["step"]
+        with sqlite3.connect(directory / "jobs.db", timeout=30, isolation_level=None) as db:
+            db.execute("BEGIN EXCLUSIVE")
+            time.sleep(15)
+            db.execute("COMMIT")
+        log(f"held the store's write lock for 15 s from step {stalled_at}")
+        job = server.wait_job(job_id, timeout=180)
+        image = server.image(job_id)
+        check("a 15 s store stall: the job is done once, attempts 1, its image stored",
+              job["status"] == "done" and job["attempts"] == 1 and image.status == 200 and image.is_png()
+              and server.jobs_run() == [job_id],
+              status=job["status"], attempts=job["attempts"], runs=len(server.jobs_run()))
+        check("the stall was felt: a lease renewal failed and the job went on",
+              "cannot renew the lease; the job goes on" in server.log_text())
+
+
+def test_queue_bound():
+    """Past --max-queued-jobs, POST /v1/jobs answers 429 with Retry-After; every accepted job
+    completes, and /metrics shows the store's size."""
+    with Server("bound", "--data-dir", data_dir("bound"), "--max-queued-jobs", 3) as server:
+        answers = [server.post("/v1/jobs", body(90 + i, size=256, steps=6)) for i in range(8)]
+        accepted = [r.json()["id"] for r in answers if r.status == 202]
+        refused = [r for r in answers if r.status != 202]
+        check("past 3 queued jobs the POSTs get 429 + Retry-After, naming the limit",
+              3 <= len(accepted) <= 5 and refused
+              and all(r.status == 429 and r.headers.get("retry-after") and r.error_code() == 3040
+                      and "--max-queued-jobs" in r.body.decode() for r in refused),
+              accepted=len(accepted), refused=[(r.status, r.headers.get("retry-after")) for r in refused])
+        finished = server.wait_all(accepted, timeout=240)
+        check("every accepted job completes", all(j["status"] == "done" for j in finished.values()),
+              statuses=sorted(j["status"] for j in finished.values()))
+        deadline = time.monotonic() + 15
+        stored = server.metric("sdxl_jobs_stored_bytes")
+        while not stored and time.monotonic() < deadline:
+            time.sleep(0.5)
+            stored = server.metric("sdxl_jobs_stored_bytes")
+        check("sdxl_jobs_stored_bytes counts the stored requests and images", stored and stored > 1000,
+              stored_bytes=stored)
+
+
+def test_idempotency():
+    """The same Idempotency-Key and body twice give one job; another body under it is a 409."""
+    with Server("idempotency", "--data-dir", data_dir("idempotency")) as server:
+        the_body = {"prompt": "a lighthouse", "width": 256, "height": 256, "num_steps": 4}  # seed drawn
+        key = {"idempotency-key": "order-4711"}
+        first = server.post("/v1/jobs", the_body, headers=key)
+        again = server.post("/v1/jobs", the_body, headers=key)
+        queued = server.post(RUN + "?queueRequest=true", the_body, headers=key)
+        other = server.post("/v1/jobs", {**the_body, "prompt": "a harbour"}, headers=key)
+        ids = {first.json()["id"], again.json()["id"], queued.json()["result"]["request_id"]}
+        check("the same key and body give one job, on both submit routes",
+              first.status == again.status == 202 and queued.status == 200 and len(ids) == 1,
+              statuses=(first.status, again.status, queued.status), ids=len(ids))
+        check("another body under the key is a 409", other.status == 409 and other.error_code() == 3042,
+              status=other.status)
+        server.wait_job(first.json()["id"])
+        check("the job ran once", server.jobs_run() == [first.json()["id"]], runs=len(server.jobs_run()))
+
+
+def postgres_url():
+    url = os.environ.get("SDXL_TEST_PG_URL")
+    if not url:
+        check("SDXL_TEST_PG_URL is set (run jobs_tests/run.sh)", False)
+    return url
+
+
+def postgres(action):
+    """Stops or starts the tests' PostgreSQL cluster (commands set by jobs_tests/run.sh)."""
+    subprocess.run(os.environ[f"SDXL_TEST_PG_{action.upper()}"], shell=True, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_for(what, predicate, timeout):
+    """Polls `predicate` until true; answers the seconds it took (None on timeout)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        with contextlib.suppress(OSError):
+            if predicate():
+                return time.monotonic() - started
+        time.sleep(0.2)
+    log(f"not {what} within {timeout} s")
+    return None
+
+
+def test_postgres_outage():
+    """PostgreSQL stopped: POST /v1/jobs 503 + Retry-After, /ready 503, /health 200, and the
+    job running meanwhile keeps its result; PostgreSQL back: ready again and jobs run, without
+    a restart."""
+    url = postgres_url()
+    if not url:
+        return
+    with Server("outage", "--jobs", url, "--job-lease", 3) as server:
+        running = server.submit(body(101, size=320, steps=30)).json()["id"]
+        server.wait_job(running, is_running_with_progress, what="running with progress")
+        postgres("stop")
+        try:
+            not_ready_after = wait_for("not ready", lambda: server.get("/ready").status == 503, 30)
+            refused = server.post("/v1/jobs", body(102, size=256, steps=4))
+            health = server.get("/health")
+            check("PostgreSQL stopped: POST /v1/jobs is a 503 with Retry-After (not 500)",
+                  refused.status == 503 and refused.headers.get("retry-after") and refused.error_code() == 3040,
+                  status=refused.status, retry_after=refused.headers.get("retry-after"))
+            check("PostgreSQL stopped: /ready 503, /health 200",
+                  not_ready_after is not None and health.status == 200,
+                  not_ready_after_s=not_ready_after and round(not_ready_after, 1), health=health.status)
+            time.sleep(5)
+        finally:
+            postgres("start")
+        ready_after = wait_for("ready", lambda: server.get("/ready").status == 200, 60)
+        check("PostgreSQL back: /ready 200 again by itself", ready_after is not None,
+              ready_after_s=ready_after and round(ready_after, 1))
+        job = server.wait_job(running, timeout=180)
+        check("the job running through the outage is done once, its image stored",
+              job["status"] == "done" and job["attempts"] == 1 and server.image(running).status == 200,
+              status=job["status"], attempts=job["attempts"])
+        after = server.submit(body(103, size=256, steps=4)).json()["id"]
+        check("jobs are accepted and run again", server.wait_job(after, timeout=120)["status"] == "done")
+
+
+def test_fast_clock_fleet():
+    """A fleet server whose clock runs two days fast (faketime) neither expires another's
+    fresh result (TTL one day) nor takes over a live lease: leases and expiry use the
+    database's clock."""
+    url = postgres_url()
+    if not url:
+        return
+    if not shutil.which("faketime"):
+        check("faketime is installed (jobs_tests/run.sh installs it)", False)
+        return
+    common = ("--jobs", url, "--job-lease", 3, "--job-ttl", 86_400)
+    with Server("clock-a", *common) as a:
+        finished = a.submit(body(111, size=256, steps=4)).json()["id"]
+        a.wait_job(finished)
+        live = a.submit(body(112, size=320, steps=30)).json()["id"]
+        a.wait_job(live, is_running_with_progress, what="running with progress")
+        fast = {"FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+        with Server("clock-b-fast", *common, prefix=("faketime", "-f", "+2d"), env=fast) as b:
+            ahead = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 2 * 86_400))
+            check("server B's clock runs two days fast", ahead in b.log_text(), expected_date=ahead)
+            # B sweeps expired jobs at start and claims every 250 ms meanwhile
+            job = a.wait_job(live, timeout=180)
+            check("B did not take over A's live lease: done once, by A",
+                  job["status"] == "done" and job["attempts"] == 1 and live not in b.jobs_run()
+                  and live in a.jobs_run(),
+                  attempts=job["attempts"], ran_on_b=live in b.jobs_run())
+            kept = [b.image(finished).status, a.image(finished).status]
+            check("B did not expire A's result finished seconds before", kept == [200, 200], statuses=kept)
+            mine = b.submit(body(113, size=256, steps=4)).json()
+            skew = mine["created_at"] / 1000 - time.time()
+            check("B's jobs are stamped by the database's clock", abs(skew) < 60, skew_s=round(skew, 1))
+            a.wait_job(mine["id"], timeout=120)
+
+
 TESTS = [test_sqlite_round_trip, test_sqlite_restart, test_cancellation, test_expiry, test_expiry_while_busy,
-         test_failed_job, test_poison_job, test_auth, test_postgres_fleet]
+         test_failed_job, test_poison_job, test_auth, test_store_stall, test_queue_bound, test_idempotency,
+         test_postgres_fleet, test_postgres_outage, test_fast_clock_fleet]
 
 
 def main(argv):

@@ -123,6 +123,20 @@ pub struct ServeArgs {
     /// SIGKILL) is failed instead of run again.
     #[arg(long, env = "SDXL_JOB_MAX_ATTEMPTS", default_value_t = 3, value_name = "N")]
     job_max_attempts: u32,
+    /// Seconds a stored job may wait unclaimed before it is failed (code 3032).
+    #[arg(long, env = "SDXL_JOB_MAX_QUEUED_AGE", default_value_t = 86_400, value_name = "S")]
+    job_max_queued_age: u64,
+    /// Queued jobs in the store past which POST /v1/jobs answers 429 with Retry-After.
+    #[arg(long, env = "SDXL_MAX_QUEUED_JOBS", default_value_t = 1000, value_name = "N")]
+    max_queued_jobs: u64,
+    /// Queued jobs of one API key past which its POSTs get 429. Default: --max-queued-jobs
+    /// divided among the API keys (all of it with one key or none).
+    #[arg(long, env = "SDXL_MAX_QUEUED_JOBS_PER_KEY", value_name = "N")]
+    max_queued_jobs_per_key: Option<u64>,
+    /// Largest body of a stored job, in bytes (input images included, as sent); it is kept
+    /// until the job expires.
+    #[arg(long, env = "SDXL_MAX_JOB_BODY", default_value_t = 16 * 1024 * 1024, value_name = "BYTES")]
+    max_job_body: usize,
     /// Seconds finished jobs and their images are kept.
     #[arg(long, env = "SDXL_JOB_TTL", default_value_t = 86_400)]
     job_ttl: u64,
@@ -177,9 +191,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         public_url: args.public_url.clone(),
         allowed_hosts,
         cors_origins: args.cors_origins.clone(),
+        max_job_body: args.max_job_body,
+        max_queued_jobs: args.max_queued_jobs,
+        max_queued_jobs_per_key: args
+            .max_queued_jobs_per_key
+            .unwrap_or_else(|| args.max_queued_jobs.div_ceil(args.api_keys.len().max(1) as u64)),
         ..ServerConfig::default()
     };
     for (flag, value) in [
+        ("--max-queued-jobs", args.max_queued_jobs),
+        ("--max-queued-jobs-per-key", args.max_queued_jobs_per_key.unwrap_or(1)),
+        ("--max-job-body", args.max_job_body as u64),
+        ("--job-max-queued-age", args.job_max_queued_age),
         ("--idle-timeout", args.idle_timeout),
         ("--write-timeout", args.write_timeout),
         ("--max-connections", args.max_connections.map_or(1, |n| n as u64)),
@@ -202,11 +225,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let store = runtime.block_on(sdxl_server::jobs::open(&jobs_url))?;
     let state = AppState::with_jobs(queue, config, Some(store.clone()));
     let runner = RunnerConfig {
-        worker: runner::worker_name(),
         lease: Duration::from_secs(args.job_lease),
         ttl: Duration::from_secs(args.job_ttl),
-        poll: Duration::from_millis(250),
         max_attempts: args.job_max_attempts,
+        max_queued_age: Duration::from_secs(args.job_max_queued_age),
+        ..RunnerConfig::default()
     };
     tracing::info!(store = %redact(&jobs_url), worker = %runner.worker, "job store open");
     let runner = runtime.spawn(runner::run(state.clone(), store, runner));

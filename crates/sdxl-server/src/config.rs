@@ -20,6 +20,13 @@ pub struct ServerConfig {
     pub body_limit: usize,
     /// How long a client may take to send its body.
     pub body_read_timeout: Duration,
+    /// Largest body of a job for the store (`POST /v1/jobs`, `?queueRequest=true`): it is kept
+    /// until its TTL, so it is bounded well below `body_limit`.
+    pub max_job_body: usize,
+    /// Queued jobs in the store past which submissions get 429.
+    pub max_queued_jobs: u64,
+    /// Queued jobs of one API key past which its submissions get 429.
+    pub max_queued_jobs_per_key: u64,
     /// Bytes of request bodies that may be in memory at once, over all connections.
     pub body_memory_budget: usize,
     /// Requests whose input images may be decoded at once.
@@ -76,6 +83,9 @@ impl Default for ServerConfig {
             max_pixels: None,
             request_timeout: Duration::from_secs(300),
             body_limit: 128 * 1024 * 1024,
+            max_job_body: 16 * 1024 * 1024,
+            max_queued_jobs: 1000,
+            max_queued_jobs_per_key: 1000,
             body_read_timeout: Duration::from_secs(60),
             body_memory_budget: 512 * 1024 * 1024,
             concurrent_decodes: 2,

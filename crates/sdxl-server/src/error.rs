@@ -50,6 +50,22 @@ pub enum ApiError {
     /// The body exceeds the configured limit.
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// A body for the job store beyond `--max-job-body`.
+    #[error(
+        "a stored job's body must be at most {0} bytes (`--max-job-body`); send smaller input images, \
+         or use the synchronous routes"
+    )]
+    JobBodyTooLarge(usize),
+    /// The job store holds as many queued jobs as allowed (of this key, if `per_key`).
+    #[error(
+        "the job store already holds {limit} queued jobs{}, its limit (`--max-queued-jobs{}`); retry later",
+        if *per_key { " of this API key" } else { "" },
+        if *per_key { "-per-key" } else { "" }
+    )]
+    JobQueueFull { limit: u64, per_key: bool },
+    /// An `Idempotency-Key` the client already used for a different body.
+    #[error("this Idempotency-Key was used for a different request body; use a new key for a new request")]
+    IdempotencyKeyReused,
     /// The queue is full; the client should retry after the given seconds.
     #[error("the queue is full, retry later")]
     QueueFull { retry_after_seconds: u64 },
@@ -97,7 +113,9 @@ impl ApiError {
             ApiError::UnknownJob(_) | ApiError::UnknownModelId(_) => (StatusCode::NOT_FOUND, 7003),
             ApiError::NotReady(..) => (StatusCode::CONFLICT, 3041),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, 10405),
-            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, 3006),
+            ApiError::PayloadTooLarge(_) | ApiError::JobBodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, 3006),
+            ApiError::JobQueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, 3040),
+            ApiError::IdempotencyKeyReused => (StatusCode::CONFLICT, 3042),
             ApiError::QueueFull { .. } | ApiError::ShareFull { .. } | ApiError::BodiesBusy => {
                 (StatusCode::TOO_MANY_REQUESTS, 3040)
             }
@@ -128,6 +146,14 @@ impl ApiError {
     }
 }
 
+/// Whether a generation failed for the server's own reasons (a backend panic, a model or
+/// device error) rather than the request's: such a job is run again, elsewhere if need be,
+/// and a server that keeps failing stops taking work ([`crate::AppState::failing`]).
+pub fn is_server_fault(e: &sdxl_engine::Error) -> bool {
+    use sdxl_engine::Error as E;
+    matches!(e, E::Internal(_) | E::Models(_) | E::Model { .. } | E::Encode(_))
+}
+
 impl ApiError {
     /// The Workers AI error envelope for this error.
     pub fn envelope(&self) -> serde_json::Value {
@@ -156,6 +182,7 @@ impl ApiError {
             ApiError::QueueFull { retry_after_seconds } => Some(*retry_after_seconds),
             ApiError::ShareFull { .. } | ApiError::BodiesBusy | ApiError::StoreUnavailable => Some(5),
             ApiError::TooManyConnections => Some(1),
+            ApiError::JobQueueFull { .. } => Some(10),
             _ => None,
         }
     }
@@ -190,7 +217,11 @@ impl ApiError {
         // say so, or a client may reuse it and see it closed under its next request.
         if matches!(
             self,
-            ApiError::PayloadTooLarge(_) | ApiError::Timeout | ApiError::BodyTimeout | ApiError::BodiesBusy
+            ApiError::PayloadTooLarge(_)
+                | ApiError::JobBodyTooLarge(_)
+                | ApiError::Timeout
+                | ApiError::BodyTimeout
+                | ApiError::BodiesBusy
         ) {
             response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }

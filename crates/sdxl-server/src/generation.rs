@@ -161,7 +161,14 @@ pub fn submit(state: &AppState, owner: &Owner, request: GenerateRequest, preview
 /// [`submit`], then waits for the result. If the client goes away, this future is dropped
 /// with the ticket, which cancels the job.
 pub async fn execute(state: &AppState, owner: &Owner, request: GenerateRequest) -> Result<Completed, ApiError> {
-    submit(state, owner, request, false)?.wait().await.map_err(ApiError::from_engine)
+    ended(state, submit(state, owner, request, false)?.wait().await)
+}
+
+/// A generation's result for its client, with its end recorded for
+/// [`AppState::failing`].
+pub fn ended<T>(state: &AppState, result: Result<T, sdxl_engine::Error>) -> Result<T, ApiError> {
+    state.generation_ended(result.as_ref().is_err_and(crate::error::is_server_fault));
+    result.map_err(ApiError::from_engine)
 }
 
 /// The PNG of a generated image, with its generation `parameters` in a text chunk; encoded

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -15,8 +15,11 @@ use utoipa::ToSchema;
 
 use crate::auth::Owner;
 use crate::error::ApiError;
-use crate::generation::{read_body, validate_job_body};
-use crate::jobs::{now_ms, JobError, JobRecord, JobStore, Status, StoreError, StoredRequest};
+use crate::generation::validate_job_body;
+use crate::jobs::{
+    Clock, Idempotency, JobError, JobRecord, JobStore, NewJob, QueueLimits, Status, StoreError, StoredRequest,
+    Submitted,
+};
 use crate::AppState;
 use sdxl_engine::output::content_type_of;
 
@@ -24,7 +27,6 @@ fn store(state: &AppState) -> Result<&Arc<dyn JobStore>, ApiError> {
     state.inner.jobs.as_ref().ok_or(ApiError::NotFound)
 }
 
-/// A store failure: logged; the client sees a 500.
 /// A store call's result for a client: a store that does not answer is a 503 with
 /// `Retry-After` (never "inference failed"), and marks the store unreachable for `/ready`.
 fn checked<T>(state: &AppState, result: Result<T, StoreError>) -> Result<T, ApiError> {
@@ -37,19 +39,65 @@ fn store_error(e: StoreError) -> ApiError {
     ApiError::StoreUnavailable
 }
 
-/// Validates a run body and stores it as `owner`'s queued job; answers its id.
-pub async fn submit_body(state: &AppState, owner: &Owner, body: Body) -> Result<String, ApiError> {
+/// The longest `Idempotency-Key` accepted.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// The request's `Idempotency-Key`, if any: 1 to 255 visible ASCII characters.
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    let key = value.to_str().ok().filter(|k| {
+        (1..=MAX_IDEMPOTENCY_KEY).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic())
+    });
+    match key {
+        Some(key) => Ok(Some(key.to_string())),
+        None => Err(ApiError::BadRequest(format!(
+            "the `Idempotency-Key` header must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
+        ))),
+    }
+}
+
+/// Validates a run body and stores it as `owner`'s queued job; answers its id. With an
+/// idempotency key, the same key and body answer the job stored the first time (the same
+/// key with another body: 409).
+pub async fn submit_body(
+    state: &AppState,
+    owner: &Owner,
+    idempotency_key: Option<&str>,
+    body: Body,
+) -> Result<String, ApiError> {
     let store = store(state)?;
     if state.draining() {
         return Err(ApiError::ShuttingDown);
     }
-    let (body, reservation) = read_body(state, body).await?;
-    let config = state.config().clone();
+    let config = state.config();
+    let limit = config.max_job_body.min(config.body_limit);
+    let (body, reservation) = match state.inner.admission.read_body(body, limit, config.body_read_timeout).await {
+        Err(ApiError::PayloadTooLarge(_)) if limit < config.body_limit => return Err(ApiError::JobBodyTooLarge(limit)),
+        other => other?,
+    };
+    let body_hash = idempotency_key.map(|_| hex_sha256(&body));
+    let config = config.clone();
     let stored: StoredRequest = state.inner.admission.decode(move || validate_job_body(&body, &config)).await?;
     drop(reservation);
     let id = crate::jobs::new_id();
-    checked(state, store.submit(&id, Some(owner.id()), &stored, now_ms()).await)?;
-    Ok(id)
+    let job = NewJob {
+        id: &id,
+        owner: owner.id(),
+        request: &stored,
+        idempotency: idempotency_key.zip(body_hash.as_deref()).map(|(key, body_hash)| Idempotency { key, body_hash }),
+        limits: QueueLimits { total: state.config().max_queued_jobs, per_owner: state.config().max_queued_jobs_per_key },
+    };
+    match checked(state, store.submit(&job, Clock::Store).await)? {
+        Submitted::Queued => Ok(id),
+        Submitted::Existing(earlier) => Ok(earlier),
+        Submitted::KeyReused => Err(ApiError::IdempotencyKeyReused),
+        Submitted::Full { limit, per_owner } => Err(ApiError::JobQueueFull { limit, per_key: per_owner }),
+    }
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `owner`'s job `id`; 404 if there is none, or it is another owner's.
@@ -152,7 +200,6 @@ pub async fn finished_image(state: &AppState, record: &JobRecord) -> Result<Resp
     }
 }
 
-/// A failed job's error, answered as the synchronous route would have.
 /// Ids of images stored for a URL answer start with this; only those are served by
 /// [`shared_image`], without a key (the id is the credential), so no other job is.
 const SHARED_PREFIX: &str = "img_";
@@ -178,7 +225,7 @@ pub async fn store_image(
         ApiError::BadRequest("`response_format` \"url\" needs the job store, which this server runs without".into())
     })?;
     let id = format!("{SHARED_PREFIX}{}", crate::jobs::new_id());
-    checked(state, store.store_done(&id, Some(owner.id()), stored, image, now_ms()).await)?;
+    checked(state, store.store_done(&id, owner.id(), stored, image, Clock::Store).await)?;
     Ok(format!("{id}.{extension}"))
 }
 
@@ -197,6 +244,7 @@ pub async fn shared_image(state: &AppState, name: &str) -> Result<Response, ApiE
     Ok(response)
 }
 
+/// A failed job's error, answered as the synchronous route would have.
 fn stored_error(error: &JobError) -> Response {
     let status = StatusCode::from_u16(error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = json!({

@@ -18,7 +18,7 @@ mod progress;
 mod routes;
 pub mod wire;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use axum::routing::{get, post};
@@ -33,6 +33,10 @@ pub use listener::serve;
 /// The model id this server answers for.
 pub const MODEL_ID: &str = "@cf/bytedance/stable-diffusion-xl-lightning";
 
+/// Generations failed in a row for the server's own reasons after which it reports itself
+/// not ready and claims no stored jobs.
+pub const FAILING_AFTER: u32 = 3;
+
 /// Shared by every handler.
 #[derive(Clone)]
 pub struct AppState {
@@ -46,6 +50,8 @@ struct Inner {
     draining: AtomicBool,
     /// Whether the job store answered its last call (`/ready` fails while it does not).
     store_reachable: AtomicBool,
+    /// Generations in a row that failed for the server's own reasons.
+    faults_in_a_row: AtomicU32,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     admission: admission::Admission,
     origins: origin::OriginPolicy,
@@ -78,6 +84,7 @@ impl AppState {
             keys,
             draining,
             store_reachable: AtomicBool::new(true),
+            faults_in_a_row: AtomicU32::new(0),
             metrics,
             admission,
             origins,
@@ -126,6 +133,25 @@ impl AppState {
     /// Whether the job store answered its last call.
     pub fn store_reachable(&self) -> bool {
         self.inner.store_reachable.load(Ordering::SeqCst)
+    }
+
+    /// Records how a generation ended: failed for the server's own reasons
+    /// ([`error::is_server_fault`]) or not.
+    pub fn generation_ended(&self, server_fault: bool) {
+        if !server_fault {
+            self.inner.faults_in_a_row.store(0, Ordering::SeqCst);
+        } else if self.inner.faults_in_a_row.fetch_add(1, Ordering::SeqCst) + 1 == FAILING_AFTER {
+            tracing::error!(
+                faults = FAILING_AFTER,
+                "generations keep failing for this server's own reasons; /ready answers 503 and no stored \
+                 jobs are claimed until one succeeds"
+            );
+        }
+    }
+
+    /// Whether the last [`FAILING_AFTER`] generations all failed for the server's own reasons.
+    pub fn failing(&self) -> bool {
+        self.inner.faults_in_a_row.load(Ordering::SeqCst) >= FAILING_AFTER
     }
 
     /// Whether [`AppState::start_draining`] was called.

@@ -16,6 +16,10 @@ pub const REQUESTS_TOTAL: &str = "sdxl_requests_total";
 /// every server that uses it (scale a fleet on it).
 pub const JOBS_QUEUED: &str = "sdxl_jobs_queued";
 
+/// Bytes the job store holds (requests and images), read every few seconds in the
+/// background rather than per scrape.
+pub const JOBS_STORED_BYTES: &str = "sdxl_jobs_stored_bytes";
+
 /// Connections open, by pool: `main` (served in full, up to `--max-connections`) and
 /// `overflow` (beyond it, health checks only).
 pub const CONNECTIONS_OPEN: &str = "sdxl_connections_open";
@@ -37,6 +41,11 @@ pub fn install() -> PrometheusHandle {
             if metrics::set_global_recorder(recorder).is_ok() {
                 sdxl_engine::metric_names::describe();
                 metrics::describe_gauge!(JOBS_QUEUED, metrics::Unit::Count, "Stored jobs waiting to be claimed.");
+                metrics::describe_gauge!(
+                    JOBS_STORED_BYTES,
+                    metrics::Unit::Bytes,
+                    "Bytes of requests and images in the job store."
+                );
                 metrics::describe_gauge!(CONNECTIONS_OPEN, metrics::Unit::Count, "Connections open, by pool.");
                 metrics::describe_counter!(
                     CONNECTIONS_CLOSED,

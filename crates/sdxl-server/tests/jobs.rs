@@ -11,6 +11,10 @@ use common::*;
 use reqwest::StatusCode;
 use sdxl_engine::queue::{Backend, Queue, QueueConfig};
 use sdxl_server::jobs::runner::{self, RunnerConfig};
+use sdxl_server::jobs::{
+    Claimed, Clock, JobRecord, JobStore, NewJob, Outcome, Release, Status, StoreError, StoreStats, StoredRequest,
+    Submitted, SweepRules, Swept,
+};
 use sdxl_server::{app, AppState, ServerConfig};
 use serde_json::{json, Value};
 
@@ -28,15 +32,23 @@ async fn serve_with_store(
     store: std::sync::Arc<dyn sdxl_server::jobs::JobStore>,
     lease: Duration,
 ) -> String {
+    serve_with(backend, store, RunnerConfig { lease, ..quick_runner() }, ServerConfig::default()).await
+}
+
+/// A runner that polls often.
+fn quick_runner() -> RunnerConfig {
+    RunnerConfig { poll: Duration::from_millis(20), ..RunnerConfig::default() }
+}
+
+/// A server with `server` settings over `store` with a runner of `config`.
+async fn serve_with(
+    backend: impl Backend,
+    store: std::sync::Arc<dyn sdxl_server::jobs::JobStore>,
+    config: RunnerConfig,
+    server: ServerConfig,
+) -> String {
     let queue = Queue::start(backend, QueueConfig::with_capacity(4));
-    let state = AppState::with_jobs(queue, ServerConfig::default(), Some(store.clone()));
-    let config = RunnerConfig {
-        worker: "test".into(),
-        lease,
-        ttl: Duration::from_secs(3600),
-        poll: Duration::from_millis(20),
-        max_attempts: 3,
-    };
+    let state = AppState::with_jobs(queue, server, Some(store.clone()));
     tokio::spawn(runner::run(state.clone(), store, config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
@@ -137,14 +149,14 @@ async fn without_a_store_the_job_routes_do_not_exist() {
 /// The SQLite store behind a switch that makes every call fail, as a database that stopped
 /// answering.
 struct Outage {
-    store: std::sync::Arc<dyn sdxl_server::jobs::JobStore>,
+    store: std::sync::Arc<dyn JobStore>,
     down: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Outage {
-    fn check(&self) -> Result<(), sdxl_server::jobs::StoreError> {
+    fn check(&self) -> Result<(), StoreError> {
         if self.down.load(std::sync::atomic::Ordering::SeqCst) {
-            Err(sdxl_server::jobs::StoreError("connection refused".into()))
+            Err(StoreError("connection refused".into()))
         } else {
             Ok(())
         }
@@ -152,86 +164,69 @@ impl Outage {
 }
 
 #[async_trait::async_trait]
-impl sdxl_server::jobs::JobStore for Outage {
-    async fn submit(
-        &self,
-        id: &str,
-        owner: Option<&str>,
-        request: &sdxl_server::jobs::StoredRequest,
-        now: i64,
-    ) -> Result<(), sdxl_server::jobs::StoreError> {
+impl JobStore for Outage {
+    async fn submit(&self, job: &NewJob<'_>, now: Clock) -> Result<Submitted, StoreError> {
         self.check()?;
-        self.store.submit(id, owner, request, now).await
+        self.store.submit(job, now).await
     }
     async fn store_done(
         &self,
         id: &str,
-        owner: Option<&str>,
-        request: &sdxl_server::jobs::StoredRequest,
+        owner: &str,
+        request: &StoredRequest,
         image: Vec<u8>,
-        now: i64,
-    ) -> Result<(), sdxl_server::jobs::StoreError> {
+        now: Clock,
+    ) -> Result<(), StoreError> {
         self.check()?;
         self.store.store_done(id, owner, request, image, now).await
     }
-    async fn give_up(&self, now: i64, max_attempts: u32) -> Result<u64, sdxl_server::jobs::StoreError> {
+    async fn sweep(&self, now: Clock, rules: SweepRules) -> Result<Swept, StoreError> {
         self.check()?;
-        self.store.give_up(now, max_attempts).await
+        self.store.sweep(now, rules).await
     }
-    async fn claim(
-        &self,
-        worker: &str,
-        now: i64,
-        lease_until: i64,
-    ) -> Result<Option<sdxl_server::jobs::Claimed>, sdxl_server::jobs::StoreError> {
+    async fn claim(&self, worker: &str, now: Clock, lease_ms: i64) -> Result<Option<Claimed>, StoreError> {
         self.check()?;
-        self.store.claim(worker, now, lease_until).await
+        self.store.claim(worker, now, lease_ms).await
     }
     async fn renew(
         &self,
         id: &str,
         worker: &str,
-        lease_until: i64,
+        now: Clock,
+        lease_ms: i64,
         step: u64,
         total: u64,
-    ) -> Result<bool, sdxl_server::jobs::StoreError> {
+    ) -> Result<bool, StoreError> {
         self.check()?;
-        self.store.renew(id, worker, lease_until, step, total).await
+        self.store.renew(id, worker, now, lease_ms, step, total).await
     }
-    async fn finish(
-        &self,
-        id: &str,
-        worker: &str,
-        now: i64,
-        outcome: sdxl_server::jobs::Outcome,
-    ) -> Result<bool, sdxl_server::jobs::StoreError> {
+    async fn release(&self, id: &str, worker: &str, now: Clock, why: Release) -> Result<bool, StoreError> {
+        self.check()?;
+        self.store.release(id, worker, now, why).await
+    }
+    async fn finish(&self, id: &str, worker: &str, now: Clock, outcome: Outcome) -> Result<bool, StoreError> {
         self.check()?;
         self.store.finish(id, worker, now, outcome).await
     }
-    async fn get(&self, id: &str) -> Result<Option<sdxl_server::jobs::JobRecord>, sdxl_server::jobs::StoreError> {
+    async fn get(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
         self.check()?;
         self.store.get(id).await
     }
-    async fn image(&self, id: &str) -> Result<Option<Vec<u8>>, sdxl_server::jobs::StoreError> {
+    async fn image(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.check()?;
         self.store.image(id).await
     }
-    async fn delete(
-        &self,
-        id: &str,
-        owner: &str,
-        or_ownerless: bool,
-    ) -> Result<Option<sdxl_server::jobs::Status>, sdxl_server::jobs::StoreError> {
+    async fn delete(&self, id: &str, owner: &str, or_ownerless: bool) -> Result<Option<Status>, StoreError> {
         self.check()?;
         self.store.delete(id, owner, or_ownerless).await
     }
-    async fn expire(&self, before: i64) -> Result<u64, sdxl_server::jobs::StoreError> {
+    async fn expire(&self, now: Clock, ttl_ms: i64) -> Result<u64, StoreError> {
         self.check()?;
-        self.store.expire(before).await
+        self.store.expire(now, ttl_ms).await
     }
-    async fn queued(&self) -> Result<u64, sdxl_server::jobs::StoreError> {
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
         self.check()?;
-        self.store.queued().await
+        self.store.stats().await
     }
 }
 
@@ -295,4 +290,121 @@ async fn a_job_rides_out_a_store_outage_shorter_than_its_lease() {
     assert_eq!(steps_run.load(std::sync::atomic::Ordering::SeqCst), 20, "the generation ran once, whole");
     let image = reqwest::get(format!("{base}/v1/jobs/{id}/image")).await.unwrap();
     assert_eq!(image.status(), StatusCode::OK);
+}
+
+fn small_job(seed: u64) -> Value {
+    json!({"prompt": "x", "num_steps": 4, "width": 256, "height": 256, "seed": seed})
+}
+
+async fn submit_id(base: &str, body: Value) -> String {
+    let response = post(base, "/v1/jobs", body).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
+}
+
+// regression: a broken device turned the whole stored queue into failures while /ready
+// stayed 200
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_the_server_fails_runs_again_then_fails_and_the_failing_server_stops_taking_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = FailingBackend::default();
+    let calls = backend.calls.clone();
+    let store = sdxl_server::jobs::open(&format!("sqlite://{}", dir.path().join("jobs.db").display())).await.unwrap();
+    let runner = RunnerConfig { lease: Duration::from_millis(300), max_attempts: 3, ..quick_runner() };
+    let base = serve_with(backend, store, runner, ServerConfig::default()).await;
+    assert_eq!(ready_status(&base).await, StatusCode::OK);
+    let id = submit_id(&base, small_job(1)).await;
+    let job = await_job(&base, &id).await;
+    assert_eq!((job["status"].as_str(), job["attempts"].as_u64()), (Some("failed"), Some(3)), "{job}");
+    assert_eq!(job["error"]["code"], json!(3030), "the last attempt's own error: {job}");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3, "run once per attempt");
+    // three faults in a row: not ready, and no more claims
+    let ready = reqwest::get(format!("{base}/ready")).await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready.json::<Value>().await.unwrap()["status"], json!("failing"));
+    let next = submit_id(&base, small_job(2)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let next: Value = reqwest::get(format!("{base}/v1/jobs/{next}")).await.unwrap().json().await.unwrap();
+    assert_eq!(next["status"], json!("queued"), "left for the rest of the fleet: {next}");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stored_queue_is_bounded_in_all_and_per_key_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sdxl_server::jobs::open(&format!("sqlite://{}", dir.path().join("jobs.db").display())).await.unwrap();
+    let config = ServerConfig { max_queued_jobs: 2, max_queued_jobs_per_key: 2, ..ServerConfig::default() };
+    let backend = SlowBackend::new(Duration::from_millis(50));
+    let base = serve_with(backend, store, quick_runner(), config).await;
+    let running = submit_id(&base, json!({"prompt": "x", "num_steps": 20, "width": 256, "height": 256})).await;
+    while reqwest::get(format!("{base}/v1/jobs/{running}")).await.unwrap().json::<Value>().await.unwrap()["status"]
+        != json!("running")
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let queued = [submit_id(&base, small_job(1)).await, submit_id(&base, small_job(2)).await];
+    let refused = post(&base, "/v1/jobs", small_job(3)).await;
+    assert_eq!(refused.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string()), Some("10".into()));
+    let message = expect_error(refused, StatusCode::TOO_MANY_REQUESTS, 3040).await;
+    assert!(message.contains("2 queued jobs") && message.contains("--max-queued-jobs"), "{message}");
+    for id in queued.iter().chain([&running]) {
+        assert_eq!(await_job(&base, id).await["status"], json!("done"), "every accepted job completes");
+    }
+    assert_eq!(post(&base, "/v1/jobs", small_job(3)).await.status(), StatusCode::ACCEPTED, "room again");
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = sdxl_server::jobs::open(&format!("sqlite://{}", dir.path().join("jobs.db").display())).await.unwrap();
+    let config = ServerConfig { max_queued_jobs: 10, max_queued_jobs_per_key: 1, ..ServerConfig::default() };
+    let busy = SlowBackend::new(Duration::from_secs(1));
+    let base = serve_with(busy, store, quick_runner(), config).await;
+    let first = submit_id(&base, small_job(1)).await;
+    while reqwest::get(format!("{base}/v1/jobs/{first}")).await.unwrap().json::<Value>().await.unwrap()["status"]
+        != json!("running")
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    submit_id(&base, small_job(2)).await;
+    let message = expect_error(post(&base, "/v1/jobs", small_job(3)).await, StatusCode::TOO_MANY_REQUESTS, 3040).await;
+    assert!(message.contains("of this API key") && message.contains("--max-queued-jobs-per-key"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_gives_one_job_and_another_body_under_it_is_a_409() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = start_with_jobs(SlowBackend::new(Duration::ZERO), dir.path()).await;
+    let client = reqwest::Client::new();
+    let send = |path: &str, key: &str, body: Value| {
+        client.post(format!("{base}{path}")).header("idempotency-key", key).json(&body).send()
+    };
+    // no seed: the server draws one; the retry must not draw another
+    let body = json!({"prompt": "a lighthouse", "num_steps": 2, "width": 256, "height": 256});
+    let first: Value = send("/v1/jobs", "key-1", body.clone()).await.unwrap().json().await.unwrap();
+    let again = send("/v1/jobs", "key-1", body.clone()).await.unwrap();
+    assert_eq!(again.status(), StatusCode::ACCEPTED);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!((&again["id"], &again["seed"]), (&first["id"], &first["seed"]), "the same job");
+    let queued = format!("{SHORT_RUN}?queueRequest=true");
+    let workers: Value = send(&queued, "key-1", body.clone()).await.unwrap().json().await.unwrap();
+    assert_eq!(workers["result"]["request_id"], first["id"], "the Workers AI route shares the keys");
+    let other = send("/v1/jobs", "key-1", json!({"prompt": "a lighthouse at night"})).await.unwrap();
+    let message = expect_error(other, StatusCode::CONFLICT, 3042).await;
+    assert!(message.contains("Idempotency-Key"), "{message}");
+    let fresh: Value = send("/v1/jobs", "key-2", body.clone()).await.unwrap().json().await.unwrap();
+    assert_ne!(fresh["id"], first["id"]);
+    let bad = send("/v1/jobs", &"k".repeat(256), body).await.unwrap();
+    let message = expect_error(bad, StatusCode::BAD_REQUEST, 5006).await;
+    assert!(message.contains("Idempotency-Key") && message.contains("255"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_job_body_is_bounded_below_the_synchronous_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sdxl_server::jobs::open(&format!("sqlite://{}", dir.path().join("jobs.db").display())).await.unwrap();
+    let config = ServerConfig { max_job_body: 4096, ..ServerConfig::default() };
+    let base = serve_with(SlowBackend::new(Duration::ZERO), store, quick_runner(), config).await;
+    let big = json!({"prompt": "x", "num_steps": 1, "width": 256, "height": 256, "image_b64": "A".repeat(8192)});
+    let message = expect_error(post(&base, "/v1/jobs", big.clone()).await, StatusCode::PAYLOAD_TOO_LARGE, 3006).await;
+    assert!(message.contains("4096 bytes") && message.contains("--max-job-body"), "{message}");
+    let synchronous = post(&base, SHORT_RUN, big).await;
+    assert_eq!(synchronous.status(), StatusCode::BAD_REQUEST, "the synchronous route reads it (a bad image)");
 }

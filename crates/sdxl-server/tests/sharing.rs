@@ -27,13 +27,7 @@ async fn start_shared(backend: impl Backend, capacity: usize, share: usize, dir:
     let queue = Queue::start(backend, QueueConfig { capacity, owner_share: share });
     let config = ServerConfig { api_keys: vec![ALICE.into(), BOB.into()], ..ServerConfig::default() };
     let state = AppState::with_jobs(queue, config, Some(store.clone()));
-    let runner_config = RunnerConfig {
-        worker: "test".into(),
-        lease: Duration::from_secs(30),
-        ttl: Duration::from_secs(3600),
-        poll: Duration::from_millis(20),
-        max_attempts: 3,
-    };
+    let runner_config = RunnerConfig { poll: Duration::from_millis(20), ..RunnerConfig::default() };
     tokio::spawn(runner::run(state.clone(), store, runner_config));
     serve(state).await
 }

@@ -5,7 +5,8 @@
 //! PostgreSQL (a fleet; claims use `FOR UPDATE SKIP LOCKED`). A job whose worker died is
 //! claimed again once its lease runs out. The request is stored with its seed fixed, so a
 //! job run twice gives the same bytes. Times are milliseconds since the Unix epoch from the
-//! servers' clocks, which a fleet keeps in sync well within a lease.
+//! store's clock (see [`Clock`]): a server whose clock is wrong neither expires another's
+//! result early nor takes over a live lease.
 //!
 //! Every job records its owner (a hash of the API key that stored it, see
 //! [`crate::auth::Owner`]); jobs stored before owners were recorded have none. The store
@@ -15,6 +16,7 @@
 mod postgres;
 mod request;
 pub mod runner;
+mod sql;
 mod sqlite;
 
 use std::sync::Arc;
@@ -86,6 +88,8 @@ pub struct JobRecord {
 pub struct Claimed {
     pub id: String,
     pub request: StoredRequest,
+    /// Claims so far, this one included.
+    pub attempts: u64,
 }
 
 /// How a job ended.
@@ -94,6 +98,101 @@ pub enum Outcome {
     /// The PNG.
     Done(Vec<u8>),
     Failed(JobError),
+}
+
+/// Why a claimed job goes back to the store unfinished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// It never started (the server is shutting down): queued again, the claim not counted.
+    Unstarted,
+    /// The server failed it for its own reasons (a backend or device error): claimable again
+    /// after the backoff of a lapsed lease, the claim counted.
+    AfterServerFault,
+}
+
+/// The time a store call is made at: the store's own clock, the one clock of a fleet
+/// (PostgreSQL's `now()`, or the machine's for SQLite), or a fixed time (tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Clock {
+    Store,
+    At(i64),
+}
+
+impl Clock {
+    /// The statement parameter: `NULL` stands for the store's clock.
+    pub(crate) fn param(self) -> Option<i64> {
+        match self {
+            Clock::Store => None,
+            Clock::At(ms) => Some(ms),
+        }
+    }
+}
+
+/// A job to store.
+#[derive(Debug, Clone, Copy)]
+pub struct NewJob<'a> {
+    pub id: &'a str,
+    pub owner: &'a str,
+    pub request: &'a StoredRequest,
+    /// The client's `Idempotency-Key` and a hash of the body it came with.
+    pub idempotency: Option<Idempotency<'a>>,
+    /// Queued jobs past which it is refused.
+    pub limits: QueueLimits,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Idempotency<'a> {
+    pub key: &'a str,
+    pub body_hash: &'a str,
+}
+
+/// Bounds on the stored queue: jobs waiting to be claimed, in all and of one owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    pub total: u64,
+    pub per_owner: u64,
+}
+
+impl QueueLimits {
+    pub const NONE: QueueLimits = QueueLimits { total: u64::MAX, per_owner: u64::MAX };
+}
+
+/// What [`JobStore::submit`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Submitted {
+    /// Stored as a new queued job.
+    Queued,
+    /// The owner already stored this body under this idempotency key: that job's id.
+    Existing(String),
+    /// The owner already used this idempotency key for a different body.
+    KeyReused,
+    /// Refused: the queue holds `limit` jobs already, of this owner if `per_owner`.
+    Full { limit: u64, per_owner: bool },
+}
+
+/// What a sweep failed: jobs given up after their attempts, and jobs queued too long.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Swept {
+    pub gave_up: u64,
+    pub too_old: u64,
+}
+
+/// The rules of [`JobStore::sweep`].
+#[derive(Debug, Clone, Copy)]
+pub struct SweepRules {
+    /// Claims after which a job whose lease ran out is failed with [`GAVE_UP_CODE`].
+    pub max_attempts: u32,
+    /// Milliseconds after which a job never claimed is failed with [`TOO_OLD_CODE`].
+    pub max_queued_age_ms: i64,
+}
+
+/// The store's size, for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Jobs waiting to be claimed.
+    pub queued: u64,
+    /// Bytes of stored requests and images.
+    pub bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,35 +205,48 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// A durable job queue shared by every server that opens it.
+/// A durable job queue shared by every server that opens it. Every time it compares or
+/// records is read from `now`, [`Clock::Store`] in a server: servers whose clocks disagree
+/// still agree on leases and expiry.
 #[async_trait]
 pub trait JobStore: Send + Sync {
-    /// Stores a new queued job for `owner`.
-    async fn submit(&self, id: &str, owner: Option<&str>, request: &StoredRequest, now: i64) -> Result<(), StoreError>;
+    /// Stores a new queued job, unless the queue is full or the idempotency key was used.
+    async fn submit(&self, job: &NewJob<'_>, now: Clock) -> Result<Submitted, StoreError>;
     /// Stores a job that has already run elsewhere (an image answered by URL): `done`, with
     /// `image`, kept until it expires like any finished job.
     async fn store_done(
         &self,
         id: &str,
-        owner: Option<&str>,
+        owner: &str,
         request: &StoredRequest,
         image: Vec<u8>,
-        now: i64,
+        now: Clock,
     ) -> Result<(), StoreError>;
     /// Fails every job whose lease has run out after `max_attempts` claims (each time, the
     /// server running it stopped: a job that kills its server must not crash-loop the fleet),
-    /// with [`GAVE_UP_CODE`]; answers how many.
-    async fn give_up(&self, now: i64, max_attempts: u32) -> Result<u64, StoreError>;
-    /// Claims a job for `worker` until `lease_until`: the oldest queued one; else the oldest
-    /// running one whose lease ran out at least `attempts × lease` ago (the lease being
-    /// `lease_until - now`), a backoff that grows with each lapse, so a job whose server died
-    /// waits behind every job that never ran.
-    async fn claim(&self, worker: &str, now: i64, lease_until: i64) -> Result<Option<Claimed>, StoreError>;
-    /// Extends `worker`'s lease and records its progress; `false` if the job is no longer
-    /// `worker`'s to run (deleted, or claimed by another after the lease ran out).
-    async fn renew(&self, id: &str, worker: &str, lease_until: i64, step: u64, total: u64) -> Result<bool, StoreError>;
+    /// and every job queued longer than `max_queued_age_ms`.
+    async fn sweep(&self, now: Clock, rules: SweepRules) -> Result<Swept, StoreError>;
+    /// Claims a job for `worker` for `lease_ms`: the oldest queued one; else the oldest
+    /// running one whose lease ran out at least `attempts × lease_ms` ago, a backoff that
+    /// grows with each lapse, so a job whose server died waits behind every job that never ran.
+    async fn claim(&self, worker: &str, now: Clock, lease_ms: i64) -> Result<Option<Claimed>, StoreError>;
+    /// Extends `worker`'s lease to `lease_ms` from now and records its progress; `false` if
+    /// the job is no longer `worker`'s to run (deleted, or claimed by another after the lease
+    /// ran out). A lease that ran out while the store did not answer is still renewed if
+    /// nobody took the job meanwhile.
+    async fn renew(
+        &self,
+        id: &str,
+        worker: &str,
+        now: Clock,
+        lease_ms: i64,
+        step: u64,
+        total: u64,
+    ) -> Result<bool, StoreError>;
+    /// Gives `worker`'s job back unfinished; `false` if it is no longer its job.
+    async fn release(&self, id: &str, worker: &str, now: Clock, why: Release) -> Result<bool, StoreError>;
     /// Records how `worker`'s job ended; `false` (nothing stored) if it is no longer its job.
-    async fn finish(&self, id: &str, worker: &str, now: i64, outcome: Outcome) -> Result<bool, StoreError>;
+    async fn finish(&self, id: &str, worker: &str, now: Clock, outcome: Outcome) -> Result<bool, StoreError>;
     async fn get(&self, id: &str) -> Result<Option<JobRecord>, StoreError>;
     /// The PNG of a done job.
     async fn image(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
@@ -142,10 +254,11 @@ pub trait JobStore: Send + Sync {
     /// `or_ownerless`); a running job's worker stops at its next renewal. Answers the status
     /// it had, `None` if there was no such job of that owner.
     async fn delete(&self, id: &str, owner: &str, or_ownerless: bool) -> Result<Option<Status>, StoreError>;
-    /// Deletes jobs that finished before `before`; answers how many.
-    async fn expire(&self, before: i64) -> Result<u64, StoreError>;
-    /// Jobs waiting to be claimed.
-    async fn queued(&self) -> Result<u64, StoreError>;
+    /// Deletes jobs that finished more than `ttl_ms` ago; answers how many.
+    async fn expire(&self, now: Clock, ttl_ms: i64) -> Result<u64, StoreError>;
+    /// Jobs waiting and bytes stored (a scan of the table: call it now and then, not per
+    /// request).
+    async fn stats(&self) -> Result<StoreStats, StoreError>;
 }
 
 /// The Workers AI-style code of a job given up after its attempts (HTTP 500).
@@ -154,6 +267,17 @@ pub const GAVE_UP_CODE: u32 = 3031;
 /// The stored message of a job given up after `attempts`.
 pub fn gave_up_message(attempts: u32) -> String {
     format!("gave up after {attempts} attempts; the server running it stopped each time")
+}
+
+/// The code of a job that waited in the queue past `--job-max-queued-age` (HTTP 408).
+pub const TOO_OLD_CODE: u32 = 3032;
+
+/// The stored message of a job never started within `max_age_ms`.
+pub fn too_old_message(max_age_ms: i64) -> String {
+    format!(
+        "not started within {} s of being queued (`--job-max-queued-age`); submit it again",
+        max_age_ms / 1000
+    )
 }
 
 /// Opens (creating its table if needed) the store at `url`: `sqlite://PATH` or
@@ -168,11 +292,6 @@ pub async fn open(url: &str) -> Result<Arc<dyn JobStore>, StoreError> {
     }
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
 /// A new job id: 128 bits from the operating system's CSPRNG, in hex. Knowing an id is not
 /// enough to read a job (it must also be the caller's), but ids are not guessable either.
 ///
@@ -182,50 +301,6 @@ pub fn new_id() -> String {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).expect("the operating system provides random bytes");
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Adds the `owner` column to a table made before jobs had owners (`ALTER TABLE … ADD
-/// COLUMN` keeps every row; they are left without an owner).
-pub(crate) const ADD_OWNER: &str = "ALTER TABLE sdxl_jobs ADD COLUMN owner TEXT";
-
-/// `(seq, id, owner, status, step, total, seed, created_at, started_at, finished_at, attempts,
-/// error_status, error_code, error_message)`: the columns both stores select for a record.
-pub(crate) const RECORD_COLUMNS: &str = "seq, id, owner, status, step, total, seed, created_at, started_at, \
-                                         finished_at, attempts, error_status, error_code, error_message";
-
-/// A record from a row of [`RECORD_COLUMNS`], with its queue position.
-pub(crate) fn record_from_row<R: sqlx::Row>(row: &R, position: Option<u64>) -> Result<JobRecord, StoreError>
-where
-    for<'a> &'a str: sqlx::ColumnIndex<R>,
-    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-    for<'a> Option<i64>: sqlx::Decode<'a, R::Database>,
-    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-    for<'a> Option<String>: sqlx::Decode<'a, R::Database>,
-{
-    let error_status: Option<i64> = row.try_get("error_status")?;
-    let error = match error_status {
-        Some(status) => Some(JobError {
-            status: status as u16,
-            code: row.try_get::<Option<i64>, _>("error_code")?.unwrap_or(0) as u32,
-            message: row.try_get::<Option<String>, _>("error_message")?.unwrap_or_default(),
-        }),
-        None => None,
-    };
-    let seed: String = row.try_get("seed")?;
-    Ok(JobRecord {
-        id: row.try_get("id")?,
-        owner: row.try_get("owner")?,
-        status: Status::parse(&row.try_get::<String, _>("status")?)?,
-        position,
-        step: row.try_get::<i64, _>("step")? as u64,
-        total: row.try_get::<i64, _>("total")? as u64,
-        seed: seed.parse().map_err(|_| StoreError(format!("bad seed {seed:?} in the store")))?,
-        created_at: row.try_get("created_at")?,
-        started_at: row.try_get("started_at")?,
-        finished_at: row.try_get("finished_at")?,
-        attempts: row.try_get::<i64, _>("attempts")? as u64,
-        error,
-    })
 }
 
 #[cfg(test)]

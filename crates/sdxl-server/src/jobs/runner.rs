@@ -14,14 +14,20 @@ use std::time::{Duration, Instant};
 
 use sdxl_engine::{Event, Placement, Submission, Update};
 
-use super::{now_ms, Claimed, JobError, JobStore, Outcome, StoreError};
-use crate::error::ApiError;
+use super::{Claimed, Clock, JobError, JobStore, Outcome, Release, StoreError, SweepRules};
+use crate::error::{is_server_fault, ApiError};
 use crate::generation::{encode_png, parse_raw};
 use crate::AppState;
 
 /// How long a busy server leaves a stored job to the fleet's idle servers before it claims
 /// the job itself.
 pub const YIELD_TO_IDLE_SERVERS: Duration = Duration::from_secs(2);
+
+/// How often the runner fails jobs past their attempts or their queued age.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// How often the store's size is read for `/metrics`.
+const STATS_EVERY: Duration = Duration::from_secs(5);
 
 /// How the runner behaves.
 #[derive(Debug, Clone)]
@@ -34,8 +40,31 @@ pub struct RunnerConfig {
     pub ttl: Duration,
     /// How often an idle runner looks for work.
     pub poll: Duration,
-    /// Claims after which a job whose lease keeps running out is failed.
+    /// Claims after which a job whose lease keeps running out (or that keeps failing for the
+    /// server's own reasons) is failed.
     pub max_attempts: u32,
+    /// How long a job may wait unclaimed before it is failed.
+    pub max_queued_age: Duration,
+}
+
+impl Default for RunnerConfig {
+    /// `sdxl serve`'s defaults.
+    fn default() -> Self {
+        RunnerConfig {
+            worker: worker_name(),
+            lease: Duration::from_secs(30),
+            ttl: Duration::from_secs(86_400),
+            poll: Duration::from_millis(250),
+            max_attempts: 3,
+            max_queued_age: Duration::from_secs(86_400),
+        }
+    }
+}
+
+impl RunnerConfig {
+    fn lease_ms(&self) -> i64 {
+        self.lease.as_millis() as i64
+    }
 }
 
 /// A worker name unique to this process: host, process id and a random suffix.
@@ -52,7 +81,13 @@ pub fn worker_name() -> String {
 /// Runs until the server drains.
 pub async fn run(state: AppState, store: Arc<dyn JobStore>, config: RunnerConfig) {
     let expiry = tokio::spawn(expire(state.clone(), store.clone(), config.ttl));
+    let stats = tokio::spawn(watch_size(state.clone(), store.clone()));
+    let rules = SweepRules {
+        max_attempts: config.max_attempts,
+        max_queued_age_ms: config.max_queued_age.as_millis() as i64,
+    };
     let mut busy_since: Option<Instant> = None;
+    let mut last_sweep: Option<Instant> = None;
     while !state.draining() {
         let busy = state.queue().busy() || state.queue().waiting() > 0;
         if !busy {
@@ -61,19 +96,16 @@ pub async fn run(state: AppState, store: Arc<dyn JobStore>, config: RunnerConfig
             tokio::time::sleep(config.poll).await;
             continue;
         }
-        let now = now_ms();
-        match store.give_up(now, config.max_attempts).await {
-            Ok(0) | Err(_) => {}
-            Ok(n) => {
-                tracing::warn!(
-                    jobs = n,
-                    attempts = config.max_attempts,
-                    "gave up on jobs whose server stopped each time"
-                );
-                metrics::counter!(sdxl_engine::metric_names::JOBS_TOTAL, sdxl_engine::metric_names::OUTCOME => "gave_up").increment(n);
-            }
+        if last_sweep.is_none_or(|at| at.elapsed() >= SWEEP_EVERY) {
+            last_sweep = Some(Instant::now());
+            sweep(store.as_ref(), rules).await;
         }
-        let claimed = store.claim(&config.worker, now, now + config.lease.as_millis() as i64).await;
+        if state.failing() {
+            // this server's generations keep failing: leave the jobs to the rest of the fleet
+            tokio::time::sleep(config.poll).await;
+            continue;
+        }
+        let claimed = store.claim(&config.worker, Clock::Store, config.lease_ms()).await;
         state.store_answered(claimed.is_ok());
         match claimed {
             Ok(Some(job)) => {
@@ -91,6 +123,25 @@ pub async fn run(state: AppState, store: Arc<dyn JobStore>, config: RunnerConfig
         }
     }
     expiry.abort();
+    stats.abort();
+}
+
+/// Fails the jobs past their attempts or their queued age, and counts them.
+async fn sweep(store: &dyn JobStore, rules: SweepRules) {
+    use sdxl_engine::metric_names::{JOBS_TOTAL, OUTCOME};
+    match store.sweep(Clock::Store, rules).await {
+        Ok(swept) => {
+            if swept.gave_up > 0 {
+                tracing::warn!(jobs = swept.gave_up, attempts = rules.max_attempts, "gave up on jobs whose server stopped each time");
+                metrics::counter!(JOBS_TOTAL, OUTCOME => "gave_up").increment(swept.gave_up);
+            }
+            if swept.too_old > 0 {
+                tracing::warn!(jobs = swept.too_old, "failed jobs that waited past --job-max-queued-age");
+                metrics::counter!(JOBS_TOTAL, OUTCOME => "too_old").increment(swept.too_old);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot sweep the job store"),
+    }
 }
 
 /// Deletes finished jobs past their TTL, at start and then every min(30 s, TTL), whether or
@@ -99,10 +150,29 @@ async fn expire(state: AppState, store: Arc<dyn JobStore>, ttl: Duration) {
     let mut ticks = tokio::time::interval(Duration::from_secs(30).min(ttl).max(Duration::from_millis(100)));
     while !state.draining() {
         ticks.tick().await;
-        match store.expire(now_ms() - ttl.as_millis() as i64).await {
+        match store.expire(Clock::Store, ttl.as_millis() as i64).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(jobs = n, "deleted finished jobs past their TTL"),
             Err(e) => tracing::warn!(error = %e, "cannot delete expired jobs"),
+        }
+    }
+}
+
+/// Reads the store's backlog and size into the `/metrics` gauges every [`STATS_EVERY`], so
+/// that a scrape never queries the store; also tells `/ready` when an unreachable store
+/// answers again while the runner is busy.
+async fn watch_size(state: AppState, store: Arc<dyn JobStore>) {
+    let mut ticks = tokio::time::interval(STATS_EVERY);
+    loop {
+        ticks.tick().await;
+        let stats = store.stats().await;
+        state.store_answered(stats.is_ok());
+        match stats {
+            Ok(stats) => {
+                metrics::gauge!(crate::metrics::JOBS_QUEUED).set(stats.queued as f64);
+                metrics::gauge!(crate::metrics::JOBS_STORED_BYTES).set(stats.bytes as f64);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the job store's size"),
         }
     }
 }
@@ -111,24 +181,27 @@ async fn expire(state: AppState, store: Arc<dyn JobStore>, ttl: Duration) {
 /// answer.
 const FINISH_RETRY_FOR: Duration = Duration::from_secs(600);
 
-/// Stores how a job ended, retrying (1 s, doubling to 16 s) while the store does not answer,
-/// so that a finished image outlives a store outage of up to [`FINISH_RETRY_FOR`].
+/// Stores how a job ended (or gives it back), retrying (1 s, doubling to 16 s) while the
+/// store does not answer, so that a finished image outlives a store outage of up to
+/// [`FINISH_RETRY_FOR`].
 async fn store_outcome(
     state: &AppState,
     store: &dyn JobStore,
     config: &RunnerConfig,
     id: &str,
     (step, total): (u64, u64),
-    outcome: Outcome,
+    outcome: Result<Outcome, Release>,
 ) {
-    let lease = config.lease.as_millis() as i64;
     let give_up = Instant::now() + FINISH_RETRY_FOR;
     let mut wait = Duration::from_secs(1);
     loop {
-        // the last progress first (renewals come once a second; a short job may have had none)
-        let stored = match store.renew(id, &config.worker, now_ms() + lease, step, total).await {
-            Ok(true) => store.finish(id, &config.worker, now_ms(), outcome.clone()).await,
-            other => other,
+        let stored = match &outcome {
+            // the last progress first (renewals come once a second; a short job may have had none)
+            Ok(outcome) => match store.renew(id, &config.worker, Clock::Store, config.lease_ms(), step, total).await {
+                Ok(true) => store.finish(id, &config.worker, Clock::Store, outcome.clone()).await,
+                other => other,
+            },
+            Err(why) => store.release(id, &config.worker, Clock::Store, *why).await,
         };
         state.store_answered(stored.is_ok());
         match stored {
@@ -151,15 +224,16 @@ async fn store_outcome(
 }
 
 /// Runs one claimed job to its stored end, unless it stops being this worker's job
-/// (cancelled, or its lease lost), which cancels the generation.
+/// (cancelled, or taken over after its lease ran out), which cancels the generation. A job
+/// that fails for the server's own reasons (shutting down, a backend or device error) goes
+/// back to the store rather than being failed, within the same attempts as a lapsed lease.
 async fn run_job(
     state: &AppState,
     store: &dyn JobStore,
     config: &RunnerConfig,
     job: Claimed,
 ) -> Result<(), StoreError> {
-    let Claimed { id, request } = job;
-    let lease = config.lease.as_millis() as i64;
+    let Claimed { id, request, attempts } = job;
     let failed = |e: ApiError| {
         let (status, code) = e.status_and_code();
         Outcome::Failed(JobError { status: status.as_u16(), code, message: e.to_string() })
@@ -168,55 +242,59 @@ async fn run_job(
     let request = match parsed {
         Ok(request) => request,
         Err(e) => {
-            store.finish(&id, &config.worker, now_ms(), failed(e)).await?;
+            store.finish(&id, &config.worker, Clock::Store, failed(e)).await?;
             return Ok(());
         }
     };
-    tracing::info!(job = %id, "running a stored job");
+    tracing::info!(job = %id, attempts, "running a stored job");
     let parameters = sdxl_engine::png::parameters_text(&request, &state.config().model_name);
     let deadline = Instant::now() + state.config().request_timeout;
     let ahead = Submission { placement: Placement::Ahead, ..Submission::default() };
     let mut ticket = match state.queue().submit_with(request, deadline, ahead) {
         Ok(ticket) => ticket,
-        // draining: the lease runs out and the job goes to another server, or to this one
-        // after a restart
         Err(e) => {
-            tracing::info!(job = %id, error = %e, "cannot run the claimed job now");
+            tracing::info!(job = %id, error = %e, "cannot run the claimed job now; it goes back to the queue");
+            store_outcome(state, store, config, &id, (0, 0), Err(Release::Unstarted)).await;
             return Ok(());
         }
     };
     let (mut step, mut total) = (0, 0);
     let mut renewal = tokio::time::interval(Duration::from_secs(1).min(config.lease / 3));
-    // the lease as this server last renewed it: a store that does not answer for a while
-    // does not stop the generation, only a lease that has really run out does
-    let mut lease_until = Instant::now() + config.lease;
     let outcome = loop {
         tokio::select! {
             update = ticket.next() => match update {
                 Update::Event(Event::Step { step: done, total: of, .. }) => (step, total) = (done as u64, of as u64),
                 Update::Event(Event::Queued { .. }) => {}
-                Update::Done(Ok(done)) => break match encode_png(done.image, parameters).await {
-                    Ok(png) => Outcome::Done(png),
-                    Err(e) => failed(e),
-                },
-                Update::Done(Err(e)) => break failed(ApiError::from_engine(e)),
+                Update::Done(Ok(done)) => {
+                    state.generation_ended(false);
+                    break Ok(match encode_png(done.image, parameters).await {
+                        Ok(png) => Outcome::Done(png),
+                        Err(e) => failed(e),
+                    });
+                }
+                Update::Done(Err(sdxl_engine::Error::ShuttingDown)) => break Err(Release::Unstarted),
+                Update::Done(Err(e)) => {
+                    let fault = is_server_fault(&e);
+                    state.generation_ended(fault);
+                    if fault && attempts < u64::from(config.max_attempts) {
+                        tracing::warn!(job = %id, error = %e, attempts, "the server failed the job; it runs again");
+                        break Err(Release::AfterServerFault);
+                    }
+                    break Ok(failed(ApiError::from_engine(e)));
+                }
             },
             _ = renewal.tick() => {
-                let renewed = store.renew(&id, &config.worker, now_ms() + lease, step, total).await;
+                // a store that does not answer does not stop the generation: only the store
+                // saying the job is no longer ours does (once it answers again)
+                let renewed = store.renew(&id, &config.worker, Clock::Store, config.lease_ms(), step, total).await;
                 state.store_answered(renewed.is_ok());
                 match renewed {
-                    Ok(true) => lease_until = Instant::now() + config.lease,
+                    Ok(true) => {}
                     Ok(false) => {
                         tracing::info!(job = %id, "the job was deleted or taken over; stopping it");
                         return Ok(()); // dropping the ticket stops the generation
                     }
-                    Err(e) if Instant::now() < lease_until => {
-                        tracing::warn!(job = %id, error = %e, "cannot renew the lease; the job goes on, retrying");
-                    }
-                    Err(e) => {
-                        tracing::warn!(job = %id, error = %e, "the lease ran out while the store did not answer; stopping");
-                        return Ok(());
-                    }
+                    Err(e) => tracing::warn!(job = %id, error = %e, "cannot renew the lease; the job goes on, retrying"),
                 }
             }
         }

@@ -14,13 +14,16 @@ pub async fn health() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))
 }
 
-/// 200 while accepting work; 503 once draining for shutdown, and while the job store does
-/// not answer (back to 200 by itself once it does).
+/// 200 while accepting work; 503 once draining for shutdown, while the job store does not
+/// answer (back to 200 by itself once it does), and after repeated generations failed for
+/// the server's own reasons (until one succeeds).
 pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     if state.draining() {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "draining" })))
     } else if !state.store_reachable() {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "store_unreachable" })))
+    } else if state.failing() {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "failing" })))
     } else {
         (
             StatusCode::OK,
@@ -31,12 +34,7 @@ pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
 
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     metrics::gauge!(sdxl_engine::metric_names::QUEUE_DEPTH).set(state.queue().waiting() as f64);
-    if let Some(store) = &state.inner.jobs {
-        match store.queued().await {
-            Ok(queued) => metrics::gauge!(crate::metrics::JOBS_QUEUED).set(queued as f64),
-            Err(e) => tracing::warn!(error = %e, "cannot count the stored jobs"),
-        }
-    }
+    // the job store's gauges are kept by the job runner: a scrape never queries the store
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.inner.metrics.render())
 }
 

@@ -6,7 +6,7 @@
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 
@@ -18,9 +18,11 @@ use crate::AppState;
 pub async fn submit(
     State(state): State<AppState>,
     Extension(owner): Extension<Owner>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let id = job_api::submit_body(&state, &owner, body).await?;
+    let key = job_api::idempotency_key(&headers)?;
+    let id = job_api::submit_body(&state, &owner, key.as_deref(), body).await?;
     let record = job_api::find(&state, &owner, &id).await?;
     let mut response = (StatusCode::ACCEPTED, Json(record_json(&record))).into_response();
     if let Ok(location) = HeaderValue::from_str(&format!("/v1/jobs/{id}")) {

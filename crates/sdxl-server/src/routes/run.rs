@@ -5,6 +5,7 @@
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 
@@ -19,10 +20,12 @@ pub async fn account_route(
     Extension(owner): Extension<Owner>,
     path: Result<Path<(String, String)>, PathRejection>,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let Path((_account_id, model)) = path.map_err(bad_path)?;
-    run(Call { state, owner, model, query }, body).await
+    let idempotency_key = job_api::idempotency_key(&headers)?;
+    run(Call { state, owner, model, query, idempotency_key }, body).await
 }
 
 /// The short route without an account.
@@ -31,10 +34,12 @@ pub async fn short_route(
     Extension(owner): Extension<Owner>,
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let Path(model) = path.map_err(bad_path)?;
-    run(Call { state, owner, model, query }, body).await
+    let idempotency_key = job_api::idempotency_key(&headers)?;
+    run(Call { state, owner, model, query, idempotency_key }, body).await
 }
 
 /// What both run routes hand on.
@@ -43,6 +48,8 @@ struct Call {
     owner: Owner,
     model: String,
     query: Option<String>,
+    /// Used with `?queueRequest=true` only.
+    idempotency_key: Option<String>,
 }
 
 /// Whether the query asks for Workers AI's asynchronous mode: `?queueRequest=true` (or
@@ -71,13 +78,13 @@ fn bad_path(rejection: PathRejection) -> ApiError {
 }
 
 async fn run(call: Call, body: Body) -> Result<Response, ApiError> {
-    let Call { state, owner, model, query } = call;
+    let Call { state, owner, model, query, idempotency_key } = call;
     let model = model.trim_start_matches('/');
     if model != MODEL_ID {
         return Err(ApiError::UnknownModel(model.to_string()));
     }
     if queue_request(query.as_deref())? {
-        let id = job_api::submit_body(&state, &owner, body).await?;
+        let id = job_api::submit_body(&state, &owner, idempotency_key.as_deref(), body).await?;
         return Ok(Json(job_api::queued_envelope(&id, "queued")).into_response());
     }
     let (body, reservation) = read_body(&state, body).await?;

@@ -37,7 +37,7 @@ pub async fn stream(
     let (body, reservation) = read_body(&state, body).await?;
     let Generation { request, seed, parameters } = validate_run(&state, body, reservation).await?;
     let ticket = generation::submit(&state, &owner, request, true)?;
-    let job = Job { ticket, seed, parameters };
+    let job = Job { ticket, seed, parameters, state };
     // the keep-alive comments also find a vanished client while the job waits in the queue
     Ok(Sse::new(events(job)).keep_alive(KeepAlive::default()).into_response())
 }
@@ -47,6 +47,7 @@ struct Job {
     ticket: Ticket,
     seed: u64,
     parameters: String,
+    state: AppState,
 }
 
 /// The job's events; the stream owns the ticket, so dropping it (the client went away)
@@ -74,6 +75,7 @@ fn events(job: Job) -> impl Stream<Item = Result<SseEvent, Infallible>> {
                 )
             }
             Update::Done(Ok(done)) => {
+                job.state.generation_ended(false);
                 let (queue_time, inference_time) = (done.queue_time, done.inference_time);
                 let event = match encode_png(done.image, job.parameters.clone()).await {
                     Ok(png) => named(
@@ -90,7 +92,10 @@ fn events(job: Job) -> impl Stream<Item = Result<SseEvent, Infallible>> {
                 };
                 return Some((Ok(event), None));
             }
-            Update::Done(Err(e)) => return Some((Ok(named("error", ApiError::from_engine(e).envelope())), None)),
+            Update::Done(Err(e)) => {
+                let error = generation::ended(&job.state, Err::<(), _>(e)).unwrap_err();
+                return Some((Ok(named("error", error.envelope())), None));
+            }
         };
         Some((Ok(event), Some(job)))
     })

@@ -71,6 +71,24 @@ impl Backend for SlowBackend {
     }
 }
 
+/// Fails every generation for the server's own reasons, as a broken device would; counts
+/// the calls.
+#[derive(Clone, Default)]
+pub struct FailingBackend {
+    pub calls: Arc<AtomicUsize>,
+}
+
+impl Backend for FailingBackend {
+    fn generate(
+        &mut self,
+        _request: &GenerateRequest,
+        _on_step: &mut dyn FnMut(&Step) -> ControlFlow<()>,
+    ) -> sdxl_engine::Result<RgbImage> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Err(sdxl_engine::Error::Internal("the device is lost".into()))
+    }
+}
+
 pub async fn post(base: &str, path: &str, body: Value) -> reqwest::Response {
     reqwest::Client::new().post(format!("{base}{path}")).json(&body).send().await.unwrap()
 }

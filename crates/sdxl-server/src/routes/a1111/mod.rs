@@ -236,7 +236,7 @@ async fn run_one(
                 (s.step, s.steps, s.waiting_behind) = (step, total, None);
                 s.preview = preview.or(s.preview.take());
             }),
-            Update::Done(result) => return Ok(Some(result.map_err(ApiError::from_engine)?.image)),
+            Update::Done(result) => return Ok(Some(generation::ended(state, result)?.image)),
         }
     }
 }
