@@ -45,9 +45,10 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
 /// The request's `Idempotency-Key`, if any: 1 to 255 visible ASCII characters.
 pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
-    let key = value.to_str().ok().filter(|k| {
-        (1..=MAX_IDEMPOTENCY_KEY).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic())
-    });
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| (1..=MAX_IDEMPOTENCY_KEY).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()));
     match key {
         Some(key) => Ok(Some(key.to_string())),
         None => Err(ApiError::BadRequest(format!(
@@ -85,7 +86,10 @@ pub async fn submit_body(
         owner: owner.id(),
         request: &stored,
         idempotency: idempotency_key.zip(body_hash.as_deref()).map(|(key, body_hash)| Idempotency { key, body_hash }),
-        limits: QueueLimits { total: state.config().max_queued_jobs, per_owner: state.config().max_queued_jobs_per_key },
+        limits: QueueLimits {
+            total: state.config().max_queued_jobs,
+            per_owner: state.config().max_queued_jobs_per_key,
+        },
     };
     match checked(state, store.submit(&job, Clock::Store).await)? {
         Submitted::Queued => Ok(id),

@@ -319,7 +319,11 @@ fn paths(auth: bool) -> utoipa::openapi::Paths {
                     .schema(Some(ObjectBuilder::new().schema_type(Type::String))),
             );
         }
-        operation = operation.parameter(jobs::queue_request_parameter());
+        let error = |description: &str| json_response(description, reference("ErrorEnvelope"));
+        operation = operation
+            .parameter(jobs::queue_request_parameter())
+            .parameter(jobs::idempotency_key_parameter())
+            .response("409", jobs::key_reused(&error));
         secured(with_errors(operation, "ErrorEnvelope", auth)).build()
     };
     let images = secured(with_errors(

@@ -12,8 +12,8 @@ use reqwest::StatusCode;
 use sdxl_engine::queue::{Backend, Queue, QueueConfig};
 use sdxl_server::jobs::runner::{self, RunnerConfig};
 use sdxl_server::jobs::{
-    Claimed, Clock, JobRecord, JobStore, NewJob, Outcome, Release, Status, StoreError, StoreStats, StoredRequest,
-    Submitted, SweepRules, Swept,
+    Claimed, Clock, JobRecord, JobStore, NewJob, Outcome, QueueLimits, Release, Status, StoreError, StoreStats,
+    StoredRequest, Submitted, SweepRules, Swept,
 };
 use sdxl_server::{app, AppState, ServerConfig};
 use serde_json::{json, Value};
@@ -407,4 +407,39 @@ async fn a_stored_job_body_is_bounded_below_the_synchronous_one() {
     assert!(message.contains("4096 bytes") && message.contains("--max-job-body"), "{message}");
     let synchronous = post(&base, SHORT_RUN, big).await;
     assert_eq!(synchronous.status(), StatusCode::BAD_REQUEST, "the synchronous route reads it (a bad image)");
+}
+
+// regression: a claimed job still waiting in the model queue at SIGTERM was stored as a
+// permanent failure (503 "shutting down") instead of going back to the queue
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_job_still_waiting_at_shutdown_goes_back_to_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sdxl_server::jobs::open(&format!("sqlite://{}", dir.path().join("jobs.db").display())).await.unwrap();
+    let queue = Queue::start(SlowBackend::new(Duration::from_millis(200)), QueueConfig::with_capacity(4));
+    let state = AppState::with_jobs(queue, ServerConfig::default(), Some(store.clone()));
+    tokio::spawn(runner::run(state.clone(), store.clone(), quick_runner()));
+    // a synchronous generation keeps the model busy for 4 s
+    let busy = sdxl_engine::GenerateRequest::parse(raw("sync", 20, 1), &sdxl_engine::Limits::SERVER).unwrap();
+    let running = state.queue().submit(busy, Instant::now() + Duration::from_secs(60)).unwrap();
+    let stored = StoredRequest::new(&raw("stored", 2, 2), 2);
+    let job = NewJob { id: "waiting", owner: "o", request: &stored, idempotency: None, limits: QueueLimits::NONE };
+    assert_eq!(store.submit(&job, Clock::Store).await.unwrap(), Submitted::Queued);
+    // the runner yields 2 s to idle servers, then claims it behind the running generation
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.get("waiting").await.unwrap().unwrap().status != Status::Running {
+        assert!(Instant::now() < deadline, "never claimed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    state.start_draining();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let record = store.get("waiting").await.unwrap().unwrap();
+        if record.status != Status::Running {
+            assert_eq!((record.status, record.attempts, record.error), (Status::Queued, 0, None), "queued again");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(running);
 }

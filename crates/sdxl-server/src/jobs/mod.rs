@@ -274,10 +274,7 @@ pub const TOO_OLD_CODE: u32 = 3032;
 
 /// The stored message of a job never started within `max_age_ms`.
 pub fn too_old_message(max_age_ms: i64) -> String {
-    format!(
-        "not started within {} s of being queued (`--job-max-queued-age`); submit it again",
-        max_age_ms / 1000
-    )
+    format!("not started within {} s of being queued (`--job-max-queued-age`); submit it again", max_age_ms / 1000)
 }
 
 /// Opens (creating its table if needed) the store at `url`: `sqlite://PATH` or

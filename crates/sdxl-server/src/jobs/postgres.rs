@@ -49,8 +49,7 @@ impl PostgresStore {
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         // a short acquire timeout: while the database is down, requests get their 503 within
         // seconds rather than holding a connection slot for long
-        let pool =
-            PgPoolOptions::new().max_connections(4).acquire_timeout(Duration::from_secs(3)).connect(url).await?;
+        let pool = PgPoolOptions::new().max_connections(4).acquire_timeout(Duration::from_secs(3)).connect(url).await?;
         let mut transaction = pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(SCHEMA_LOCK).execute(&mut *transaction).await?;
         sqlx::raw_sql(SCHEMA).execute(&mut *transaction).await?;

@@ -82,10 +82,8 @@ pub fn worker_name() -> String {
 pub async fn run(state: AppState, store: Arc<dyn JobStore>, config: RunnerConfig) {
     let expiry = tokio::spawn(expire(state.clone(), store.clone(), config.ttl));
     let stats = tokio::spawn(watch_size(state.clone(), store.clone()));
-    let rules = SweepRules {
-        max_attempts: config.max_attempts,
-        max_queued_age_ms: config.max_queued_age.as_millis() as i64,
-    };
+    let rules =
+        SweepRules { max_attempts: config.max_attempts, max_queued_age_ms: config.max_queued_age.as_millis() as i64 };
     let mut busy_since: Option<Instant> = None;
     let mut last_sweep: Option<Instant> = None;
     while !state.draining() {
@@ -132,7 +130,11 @@ async fn sweep(store: &dyn JobStore, rules: SweepRules) {
     match store.sweep(Clock::Store, rules).await {
         Ok(swept) => {
             if swept.gave_up > 0 {
-                tracing::warn!(jobs = swept.gave_up, attempts = rules.max_attempts, "gave up on jobs whose server stopped each time");
+                tracing::warn!(
+                    jobs = swept.gave_up,
+                    attempts = rules.max_attempts,
+                    "gave up on jobs whose server stopped each time"
+                );
                 metrics::counter!(JOBS_TOTAL, OUTCOME => "gave_up").increment(swept.gave_up);
             }
             if swept.too_old > 0 {

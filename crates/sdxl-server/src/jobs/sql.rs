@@ -6,7 +6,6 @@
 
 use super::{JobError, JobRecord, Status, StoreError};
 
-
 /// What differs between the two databases.
 pub(crate) struct Dialect {
     /// The parameter sigil: `$` (PostgreSQL) or `?` (SQLite's `?N` are numbered the same).
@@ -17,11 +16,8 @@ pub(crate) struct Dialect {
     pub skip_locked: &'static str,
 }
 
-pub(crate) const POSTGRES: Dialect = Dialect {
-    sigil: '$',
-    clock: "(EXTRACT(EPOCH FROM now()) * 1000)::BIGINT",
-    skip_locked: "FOR UPDATE SKIP LOCKED",
-};
+pub(crate) const POSTGRES: Dialect =
+    Dialect { sigil: '$', clock: "(EXTRACT(EPOCH FROM now()) * 1000)::BIGINT", skip_locked: "FOR UPDATE SKIP LOCKED" };
 
 /// SQLite runs one writer at a time, so a claim needs no row lock; its clock is the
 /// machine's, which every process sharing the file shares.
@@ -73,41 +69,57 @@ impl Statements {
             // the bounds are checked in the statement, so that two servers cannot both take
             // the last place (SQLite: one writer; PostgreSQL: at most one extra per
             // concurrent submit, see docs/reliability.md)
-            submit: sql("INSERT INTO sdxl_jobs (id, owner, request, seed, status, created_at, idempotency_key, request_hash)
+            submit: sql(
+                "INSERT INTO sdxl_jobs (id, owner, request, seed, status, created_at, idempotency_key, request_hash)
                  SELECT $2, $3, $4, $5, 'queued', {now}, $6, $7
                  WHERE (SELECT COUNT(*) FROM sdxl_jobs WHERE status = 'queued') < $8
-                   AND (SELECT COUNT(*) FROM sdxl_jobs WHERE status = 'queued' AND owner = $3) < $9"),
+                   AND (SELECT COUNT(*) FROM sdxl_jobs WHERE status = 'queued' AND owner = $3) < $9",
+            ),
             queued_of_owner: sql("SELECT COUNT(*) FROM sdxl_jobs WHERE status = 'queued' AND owner = $1"),
-            store_done: sql("INSERT INTO sdxl_jobs (id, owner, request, seed, status, image, created_at, started_at, finished_at)
-                 VALUES ($2, $3, $4, $5, 'done', $6, {now}, {now}, {now})"),
-            give_up: sql("UPDATE sdxl_jobs SET status = 'failed', error_status = 500, error_code = $2, error_message = $3,
+            store_done: sql(
+                "INSERT INTO sdxl_jobs (id, owner, request, seed, status, image, created_at, started_at, finished_at)
+                 VALUES ($2, $3, $4, $5, 'done', $6, {now}, {now}, {now})",
+            ),
+            give_up: sql(
+                "UPDATE sdxl_jobs SET status = 'failed', error_status = 500, error_code = $2, error_message = $3,
                      finished_at = {now}, lease_until = NULL
-                 WHERE status = 'running' AND lease_until < {now} AND attempts >= $4"),
-            too_old: sql("UPDATE sdxl_jobs SET status = 'failed', error_status = 408, error_code = $2, error_message = $3,
+                 WHERE status = 'running' AND lease_until < {now} AND attempts >= $4",
+            ),
+            too_old: sql(
+                "UPDATE sdxl_jobs SET status = 'failed', error_status = 408, error_code = $2, error_message = $3,
                      finished_at = {now}
-                 WHERE status = 'queued' AND created_at < {now} - $4"),
-            claim: sql("UPDATE sdxl_jobs SET status = 'running', worker = $2, lease_until = {now} + $3, step = 0, total = 0,
+                 WHERE status = 'queued' AND created_at < {now} - $4",
+            ),
+            claim: sql(
+                "UPDATE sdxl_jobs SET status = 'running', worker = $2, lease_until = {now} + $3, step = 0, total = 0,
                      attempts = attempts + 1, started_at = {now}
                  WHERE seq = (SELECT seq FROM sdxl_jobs
                               WHERE status = 'queued'
                                  OR (status = 'running' AND lease_until + $3 * attempts < {now})
                               ORDER BY status = 'running', seq LIMIT 1 {skip_locked})
-                 RETURNING id, request, attempts"),
+                 RETURNING id, request, attempts",
+            ),
             renew: sql("UPDATE sdxl_jobs SET lease_until = {now} + $2, step = $3, total = $4
                  WHERE id = $5 AND worker = $6 AND status = 'running'"),
-            release_unstarted: sql("UPDATE sdxl_jobs SET status = 'queued', worker = NULL, lease_until = NULL, started_at = NULL,
+            release_unstarted: sql(
+                "UPDATE sdxl_jobs SET status = 'queued', worker = NULL, lease_until = NULL, started_at = NULL,
                      step = 0, total = 0, attempts = attempts - 1
-                 WHERE id = $1 AND worker = $2 AND status = 'running'"),
+                 WHERE id = $1 AND worker = $2 AND status = 'running'",
+            ),
             // a lapsed lease with nobody's name on it: claimed again after the same backoff
             release_after_fault: sql("UPDATE sdxl_jobs SET worker = NULL, lease_until = {now}
                  WHERE id = $2 AND worker = $3 AND status = 'running'"),
-            finish: sql("UPDATE sdxl_jobs SET status = $2, image = $3, error_status = $4, error_code = $5, error_message = $6,
+            finish: sql(
+                "UPDATE sdxl_jobs SET status = $2, image = $3, error_status = $4, error_code = $5, error_message = $6,
                      finished_at = {now}, lease_until = NULL
-                 WHERE id = $7 AND worker = $8 AND status = 'running'"),
+                 WHERE id = $7 AND worker = $8 AND status = 'running'",
+            ),
             get: sql(&format!("SELECT {RECORD_COLUMNS} FROM sdxl_jobs WHERE id = $1")),
             position: sql("SELECT COUNT(*) FROM sdxl_jobs WHERE status = 'queued' AND seq < $1"),
             image: sql("SELECT image FROM sdxl_jobs WHERE id = $1 AND status = 'done'"),
-            delete: sql("DELETE FROM sdxl_jobs WHERE id = $1 AND (owner = $2 OR (owner IS NULL AND $3)) RETURNING status"),
+            delete: sql(
+                "DELETE FROM sdxl_jobs WHERE id = $1 AND (owner = $2 OR (owner IS NULL AND $3)) RETURNING status",
+            ),
             expire: sql("DELETE FROM sdxl_jobs WHERE finished_at IS NOT NULL AND finished_at < {now} - $2"),
             stats: sql("SELECT COALESCE(SUM(CASE WHEN status = 'queued' THEN 1 ELSE 0 END), 0) AS queued,
                      COALESCE(SUM(LENGTH(request) + COALESCE(LENGTH(image), 0)), 0) AS bytes
@@ -156,7 +168,6 @@ where
     })
 }
 
-
 /// `u64` → a SQL `BIGINT`, saturating (a limit of `u64::MAX` means none).
 pub(crate) fn bigint(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
@@ -174,8 +185,8 @@ macro_rules! sql_job_store {
                 job: &$crate::jobs::NewJob<'_>,
                 now: $crate::jobs::Clock,
             ) -> Result<$crate::jobs::Submitted, $crate::jobs::StoreError> {
-                use $crate::jobs::Submitted;
                 use sqlx::Row as _;
+                use $crate::jobs::Submitted;
                 let key = job.idempotency.map(|i| format!("{}:{}", job.owner, i.key));
                 let lookup = || async {
                     let Some(key) = &key else { return Ok(None) };

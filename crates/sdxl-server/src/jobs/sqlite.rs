@@ -82,8 +82,8 @@ mod tests {
 
     use super::*;
     use crate::jobs::{
-        Clock, Idempotency, JobError, JobStore, NewJob, Outcome, QueueLimits, Release, Status, StoredRequest, Submitted,
-        SweepRules, Swept, GAVE_UP_CODE, TOO_OLD_CODE,
+        Clock, Idempotency, JobError, JobStore, NewJob, Outcome, QueueLimits, Release, Status, StoredRequest,
+        Submitted, SweepRules, Swept, GAVE_UP_CODE, TOO_OLD_CODE,
     };
 
     fn request(prompt: &str, seed: u64) -> StoredRequest {
@@ -283,7 +283,8 @@ mod tests {
     async fn the_stores_clock_stamps_jobs_when_none_is_given() {
         let (_dir, store) = store().await;
         let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
-        let job = NewJob { id: "a", owner: "o", request: &request("a", 1), idempotency: None, limits: QueueLimits::NONE };
+        let job =
+            NewJob { id: "a", owner: "o", request: &request("a", 1), idempotency: None, limits: QueueLimits::NONE };
         store.submit(&job, Clock::Store).await.unwrap();
         let after = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
         let created = store.get("a").await.unwrap().unwrap().created_at;
@@ -320,7 +321,8 @@ mod tests {
         assert!(store.finish("good", "w", Clock::At(200), Outcome::Done(vec![1, 2, 3])).await.unwrap());
         assert_eq!(store.get("bad").await.unwrap().unwrap().error, Some(error));
         let stats = store.stats().await.unwrap();
-        let requests: u64 = ["bad", "good", "waiting"].iter().zip(1..).map(|(p, s)| request(p, s).to_json().len() as u64).sum();
+        let requests: u64 =
+            ["bad", "good", "waiting"].iter().zip(1..).map(|(p, s)| request(p, s).to_json().len() as u64).sum();
         assert_eq!((stats.queued, stats.bytes), (1, requests + 3), "requests and the image");
         assert_eq!(store.expire(Clock::At(1_150), 1_000).await.unwrap(), 1, "only what finished before 150");
         assert!(store.get("bad").await.unwrap().is_none());
@@ -344,9 +346,10 @@ mod tests {
         let path = dir.path().join("jobs.db");
         let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display())).unwrap();
         let old = SqlitePool::connect_with(options.create_if_missing(true)).await.unwrap();
-        let old_schema = SCHEMA
-            .replace("    owner TEXT,\n", "")
-            .replace("    error_message TEXT,\n    idempotency_key TEXT,\n    request_hash TEXT\n", "    error_message TEXT\n");
+        let old_schema = SCHEMA.replace("    owner TEXT,\n", "").replace(
+            "    error_message TEXT,\n    idempotency_key TEXT,\n    request_hash TEXT\n",
+            "    error_message TEXT\n",
+        );
         assert!(!old_schema.contains("owner") && !old_schema.contains("idempotency"));
         sqlx::raw_sql(&old_schema).execute(&old).await.unwrap();
         sqlx::query(

@@ -23,6 +23,31 @@ pub(super) fn queue_request_parameter() -> Parameter {
         .build()
 }
 
+/// `Idempotency-Key` on the routes that store a job.
+pub(super) fn idempotency_key_parameter() -> Parameter {
+    ParameterBuilder::new()
+        .name("Idempotency-Key")
+        .parameter_in(ParameterIn::Header)
+        .required(Required::False)
+        .description(Some(
+            "The same key with the same body answers the job stored the first time (while it \
+             exists); with another body: 409 (code 3042). Per API key.",
+        ))
+        .schema(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(255))
+                .pattern(Some("^[!-~]+$")),
+        ))
+        .build()
+}
+
+/// The answer to an `Idempotency-Key` reused for another body.
+pub(super) fn key_reused(error: &dyn Fn(&str) -> Response) -> Response {
+    error("The Idempotency-Key was used for another body (code 3042)")
+}
+
 /// `/v1/jobs` and `/v1/jobs/{id}[/image]`.
 pub(super) fn add_paths(paths: PathsBuilder, auth: bool, png: &Response) -> PathsBuilder {
     let id = || {
@@ -56,8 +81,10 @@ pub(super) fn add_paths(paths: PathsBuilder, auth: bool, png: &Response) -> Path
                     "RunRequest",
                     json!({"prompt": "cyberpunk cat", "num_steps": 4, "guidance": 0, "seed": 42}),
                 )))
+                .parameter(idempotency_key_parameter())
                 .response("202", job())
-                .response("404", error("The server runs without a job store (code 7003)")),
+                .response("404", error("The server runs without a job store (code 7003)"))
+                .response("409", key_reused(&error)),
             "ErrorEnvelope",
             auth,
         ),
