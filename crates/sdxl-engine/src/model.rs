@@ -342,6 +342,7 @@ mod tests {
             image: None,
             mask: None,
             strength: None,
+            sampling: Default::default(),
         };
         let request = GenerateRequest::parse(raw, &Limits::CLI).unwrap();
         crate::generate::generate(pipeline, &request, &mut |_| std::ops::ControlFlow::Continue(())).unwrap()

@@ -5,6 +5,7 @@ use std::io::Cursor;
 use image::{ImageFormat, RgbImage as ImageBuffer};
 use sdxl_models::pixels::RgbImage;
 
+use crate::request::Sampler;
 use crate::{Error, GenerateRequest, NoiseSource, Result};
 
 /// Keyword of the text chunk holding the generation parameters, in the text format that
@@ -20,7 +21,15 @@ pub fn parameters_text(request: &GenerateRequest, model: &str) -> String {
     if let Some(negative) = &request.negative_prompt {
         text.push_str(&format!("\nNegative prompt: {negative}"));
     }
-    text.push_str(&format!("\nSteps: {}, Sampler: Euler, CFG scale: {}", request.steps, request.guidance));
+    let sampler = match request.sampling.sampler {
+        Sampler::Euler => "Euler",
+        Sampler::EulerAncestral => "Euler a",
+    };
+    text.push_str(&format!("\nSteps: {}, Sampler: {sampler}", request.steps));
+    if let Some(spacing) = request.sampling.spacing {
+        text.push_str(&format!(", Schedule type: {}", spacing.name()));
+    }
+    text.push_str(&format!(", CFG scale: {}", request.guidance));
     if let NoiseSource::Seed(seed) = request.noise {
         text.push_str(&format!(", Seed: {seed}"));
     }
@@ -115,6 +124,7 @@ mod tests {
             image: None,
             mask: None,
             strength: None,
+            sampling: Default::default(),
         };
         GenerateRequest::parse(raw, &crate::Limits::CLI).unwrap()
     }

@@ -974,6 +974,7 @@ mod tests {
             image: None,
             mask: None,
             strength: None,
+            sampling: Default::default(),
         };
         let request = GenerateRequest::parse(raw, &Limits::CLI).unwrap();
         let direct = crate::generate::generate(&load(), &request, &mut |_| ControlFlow::Continue(())).unwrap();

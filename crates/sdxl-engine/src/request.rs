@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use sdxl_models::pixels::RgbImage;
+pub use sdxl_models::scheduler::{Sampler, Spacing};
 
 use crate::images::decode_rgb;
 use crate::{Error, Result};
@@ -63,6 +64,41 @@ pub fn random_seed() -> u64 {
     RandomState::new().hash_one(std::time::SystemTime::now())
 }
 
+/// The sampler and timestep spacing of a request (default: Euler on the model's spacing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sampling {
+    pub sampler: Sampler,
+    /// `None`: the scheduler config's (`model`).
+    pub spacing: Option<Spacing>,
+}
+
+impl Sampling {
+    /// From the request fields `sampler` and `schedule` (absent: the defaults); an unknown
+    /// name is an error that lists the valid ones.
+    pub fn parse(sampler: Option<&str>, schedule: Option<&str>) -> Result<Self> {
+        let sampler = match sampler {
+            None => Sampler::default(),
+            Some(name) => Sampler::parse(name).ok_or_else(|| {
+                let valid: Vec<&str> = Sampler::ALL.iter().map(|s| s.name()).collect();
+                out_of_bounds("sampler", format!("one of {}", valid.join(", ")), format!("{name:?}"))
+            })?,
+        };
+        let spacing = match schedule {
+            None | Some("model") => None,
+            Some(name) => Some(Spacing::parse(name).ok_or_else(|| {
+                let valid: Vec<&str> = std::iter::once("model").chain(Spacing::ALL.iter().map(|s| s.name())).collect();
+                out_of_bounds("schedule", format!("one of {}", valid.join(", ")), format!("{name:?}"))
+            })?),
+        };
+        Ok(Sampling { sampler, spacing })
+    }
+
+    /// The schedule's name: `model` or the spacing.
+    pub fn schedule_name(&self) -> &'static str {
+        self.spacing.map_or("model", Spacing::name)
+    }
+}
+
 /// The fields of a request as a front end received them.
 #[derive(Debug, Clone)]
 pub struct RawRequest {
@@ -80,6 +116,7 @@ pub struct RawRequest {
     pub mask: Option<Vec<u8>>,
     /// img2img / inpainting strength, 0–1 (default 1); ignored without an image.
     pub strength: Option<f64>,
+    pub sampling: Sampling,
 }
 
 /// A decoded input image with its strength and optional mask, at their own sizes.
@@ -102,6 +139,7 @@ pub struct GenerateRequest {
     pub guidance: f64,
     pub noise: NoiseSource,
     pub source: Option<SourceImage>,
+    pub sampling: Sampling,
 }
 
 impl GenerateRequest {
@@ -142,6 +180,7 @@ impl GenerateRequest {
             guidance: raw.guidance,
             noise: raw.noise,
             source,
+            sampling: raw.sampling,
         })
     }
 }
@@ -199,6 +238,7 @@ mod tests {
             image: None,
             mask: None,
             strength: None,
+            sampling: Default::default(),
         }
     }
 

@@ -1,7 +1,8 @@
 //! diffusers' `EulerDiscreteScheduler` (`schedulers/scheduling_euler_discrete.py`), reproduced
 //! with the same precisions diffusers uses: betas and cumulative products in f32 tensors
 //! (the product accumulated in f64, as torch does on the CPU), timestep grids in numpy's
-//! f64 then f32, sigma interpolation in f64, stored sigmas in f32.
+//! f64 then f32, sigma interpolation in f64, stored sigmas in f32. The same schedule drives
+//! `EulerAncestralDiscreteScheduler`, whose step adds fresh noise ([`Sampler`]).
 
 use std::path::Path;
 
@@ -83,11 +84,59 @@ pub enum Prediction {
     VPrediction,
 }
 
+/// Where the timesteps of a generation sit on the training schedule (`timestep_spacing`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Spacing {
+pub enum Spacing {
     Leading,
     Linspace,
     Trailing,
+}
+
+impl Spacing {
+    pub const ALL: [Spacing; 3] = [Spacing::Leading, Spacing::Linspace, Spacing::Trailing];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Spacing::Leading => "leading",
+            Spacing::Linspace => "linspace",
+            Spacing::Trailing => "trailing",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
+/// How a denoising step moves the sample, as a diffusers scheduler class does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sampler {
+    /// `EulerDiscreteScheduler` (deterministic).
+    #[default]
+    Euler,
+    /// `EulerAncestralDiscreteScheduler`: an Euler step to `σ_down`, then noise of `σ_up`.
+    EulerAncestral,
+}
+
+impl Sampler {
+    pub const ALL: [Sampler; 2] = [Sampler::Euler, Sampler::EulerAncestral];
+
+    /// The name requests use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Sampler::Euler => "euler",
+            Sampler::EulerAncestral => "euler_a",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// Whether its steps draw noise.
+    pub fn is_stochastic(self) -> bool {
+        matches!(self, Sampler::EulerAncestral)
+    }
 }
 
 /// The Euler scheduler's immutable training schedule.
@@ -109,6 +158,7 @@ pub struct Schedule {
     /// The scale of the initial noise.
     pub init_noise_sigma: f32,
     pub prediction: Prediction,
+    pub sampler: Sampler,
 }
 
 impl EulerDiscrete {
@@ -181,13 +231,20 @@ impl EulerDiscrete {
         self.prediction
     }
 
-    /// `set_timesteps(steps)`: the timestep grid and its sigmas.
+    /// `set_timesteps(steps)`: the timestep grid and its sigmas, Euler's step.
     pub fn schedule(&self, steps: usize) -> Result<Schedule> {
+        self.schedule_for(steps, Sampler::Euler, None)
+    }
+
+    /// `SchedulerClass.from_config(config, timestep_spacing=spacing).set_timesteps(steps)`
+    /// for `sampler`'s class (`spacing` `None`: the config's).
+    pub fn schedule_for(&self, steps: usize, sampler: Sampler, spacing: Option<Spacing>) -> Result<Schedule> {
         let n = self.train_sigmas.len();
         if steps == 0 || steps > n {
             return Err(Error::InvalidArgument(format!("`steps` must be between 1 and {n}, got {steps}")));
         }
-        let timesteps: Vec<f32> = match self.spacing {
+        let spacing = spacing.unwrap_or(self.spacing);
+        let timesteps: Vec<f32> = match spacing {
             Spacing::Linspace => {
                 numpy_linspace(0.0, (n - 1) as f64, steps).into_iter().rev().map(|t| t as f32).collect()
             }
@@ -203,11 +260,16 @@ impl EulerDiscrete {
         let mut sigmas: Vec<f32> = timesteps.iter().map(|&t| interp(f64::from(t), &self.train_sigmas) as f32).collect();
         sigmas.push(0.0);
         let max_sigma = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let init_noise_sigma = match self.spacing {
+        let init_noise_sigma = match spacing {
             Spacing::Linspace | Spacing::Trailing => max_sigma,
             Spacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
         };
-        Ok(Schedule { timesteps, sigmas, init_noise_sigma, prediction: self.prediction })
+        if sampler == Sampler::EulerAncestral && self.prediction == Prediction::Sample {
+            return Err(Error::InvalidArgument(
+                "the euler_a sampler does not take a model that predicts the sample (diffusers' neither)".into(),
+            ));
+        }
+        Ok(Schedule { timesteps, sigmas, init_noise_sigma, prediction: self.prediction, sampler })
     }
 }
 
@@ -237,8 +299,16 @@ impl Schedule {
         Ok(div_scalar(sample, (sigma * sigma + 1.0).sqrt())?)
     }
 
-    /// `step` (deterministic Euler, `s_churn = 0`): the sample at step `i + 1`.
-    pub fn step(&self, model_output: &Tensor, i: usize, sample: &Tensor) -> Result<Tensor> {
+    /// `step`: the sample at step `i + 1`. Euler is deterministic (`s_churn = 0`); Euler
+    /// ancestral draws its noise from `noise` (diffusers' `randn_tensor` on the pipeline's
+    /// generator, the shape of `model_output`).
+    pub fn step(
+        &self,
+        model_output: &Tensor,
+        i: usize,
+        sample: &Tensor,
+        noise: &mut dyn FnMut(&[usize]) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let sigma = self.sigmas[i];
         let pred_original = match self.prediction {
             Prediction::Epsilon => (sample - (model_output * f64::from(sigma))?)?,
@@ -249,10 +319,20 @@ impl Schedule {
                 ((model_output * f64::from(-sigma / s2.sqrt()))? + div_scalar(sample, s2)?)?
             }
         };
-        // derivative = (sample - x0) / σ; prev = sample + derivative · (σᵢ₊₁ - σ)
+        // derivative = (sample - x0) / σ; prev = sample + derivative · (σ_next - σ)
         let derivative = div_scalar(&(sample - pred_original)?, sigma)?;
-        let dt = self.sigmas[i + 1] - sigma;
-        Ok((sample + (derivative * f64::from(dt))?)?)
+        let next = self.sigmas[i + 1];
+        match self.sampler {
+            Sampler::Euler => Ok((sample + (derivative * f64::from(next - sigma))?)?),
+            Sampler::EulerAncestral => {
+                // in f32, as diffusers' 0-d tensors compute them
+                let up = (next * next * (sigma * sigma - next * next) / (sigma * sigma)).sqrt();
+                let down = (next * next - up * up).sqrt();
+                let prev = (sample + (derivative * f64::from(down - sigma))?)?;
+                let drawn = noise(model_output.dims())?;
+                Ok((prev + (drawn * f64::from(up))?)?)
+            }
+        }
     }
 
     /// `add_noise` at step `i`: `original + noise · σᵢ`.

@@ -73,7 +73,8 @@ fn step_arithmetic_matches_diffusers() {
         for i in 0..3 {
             let scaled = schedule.scale_model_input(&sample, i).expect("scale_model_input");
             assert_close(&format!("{name} {i} scaled"), &scaled, &g[&format!("{name}_{i}_scaled")], STEP_TOL);
-            sample = schedule.step(&g[&format!("model_output_{i}")], i, &sample).expect("step");
+            sample =
+                schedule.step(&g[&format!("model_output_{i}")], i, &sample, &mut |_| unreachable!()).expect("step");
             assert_close(&format!("{name} {i} prev"), &sample, &g[&format!("{name}_{i}_prev_sample")], STEP_TOL);
         }
     }

@@ -135,6 +135,7 @@ fn to_raw(wire: RunRequest, config: &ServerConfig) -> Result<(RawRequest, u64), 
         image,
         mask: wire.mask.map(|m| m.0),
         strength: wire.strength,
+        sampling: Default::default(),
     };
     Ok((raw, seed))
 }

@@ -65,6 +65,7 @@ impl StoredRequest {
             image: self.image.as_ref().map(decode).transpose()?,
             mask: self.mask.as_ref().map(decode).transpose()?,
             strength: self.strength,
+            sampling: Default::default(),
         })
     }
 
@@ -94,6 +95,7 @@ mod tests {
             image: Some(vec![1, 2, 3, 255]),
             mask: Some(vec![0]),
             strength: Some(0.5),
+            sampling: Default::default(),
         };
         let stored = StoredRequest::new(&raw, u64::MAX);
         let back = StoredRequest::from_json(&stored.to_json()).unwrap();

@@ -212,6 +212,7 @@ async fn plan(state: &AppState, wire: GenerationRequest, img2img: bool) -> Resul
         image,
         mask,
         strength,
+        sampling: Default::default(),
     };
     Ok(Plan { template, seeds, batch_size, sampler, extra, send_images: wire.send_images.unwrap_or(true) })
 }

@@ -110,6 +110,7 @@ pub async fn edits(
         image: Some(image.to_vec()),
         mask,
         strength: Some(strength),
+        sampling: Default::default(),
     };
     Ok(Json(answer.run(&state, &owner, &headers, template, number("seed")?).await?))
 }

@@ -62,6 +62,7 @@ pub async fn generations(
         image: None,
         mask: None,
         strength: None,
+        sampling: Default::default(),
     };
     Ok(Json(answer.run(&state, &owner, &headers, template, wire.seed).await?))
 }
