@@ -135,7 +135,7 @@ pub fn measure(
                     guidance: 0.0,
                     source: None,
                     sampler: Sampler::Euler,
-                    spacing: None,
+                    schedule: Default::default(),
                     seed: 0,
                 };
                 pipeline

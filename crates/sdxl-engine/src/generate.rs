@@ -76,7 +76,7 @@ pub fn generate(
             mask: mask.as_ref(),
         }),
         sampler: request.sampling.sampler,
-        spacing: request.sampling.spacing,
+        schedule: request.sampling.schedule,
         // a noise file gives no generator: a stochastic sampler's steps then draw from seed 0
         seed: match request.noise {
             NoiseSource::Seed(seed) => seed,

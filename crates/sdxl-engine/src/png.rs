@@ -5,7 +5,6 @@ use std::io::Cursor;
 use image::{ImageFormat, RgbImage as ImageBuffer};
 use sdxl_models::pixels::RgbImage;
 
-use crate::request::Sampler;
 use crate::{Error, GenerateRequest, NoiseSource, Result};
 
 /// Keyword of the text chunk holding the generation parameters, in the text format that
@@ -21,13 +20,9 @@ pub fn parameters_text(request: &GenerateRequest, model: &str) -> String {
     if let Some(negative) = &request.negative_prompt {
         text.push_str(&format!("\nNegative prompt: {negative}"));
     }
-    let sampler = match request.sampling.sampler {
-        Sampler::Euler => "Euler",
-        Sampler::EulerAncestral => "Euler a",
-    };
-    text.push_str(&format!("\nSteps: {}, Sampler: {sampler}", request.steps));
-    if let Some(spacing) = request.sampling.spacing {
-        text.push_str(&format!(", Schedule type: {}", spacing.name()));
+    text.push_str(&format!("\nSteps: {}, Sampler: {}", request.steps, request.sampling.sampler.label()));
+    if let Some(schedule) = request.sampling.schedule.label() {
+        text.push_str(&format!(", Schedule type: {schedule}"));
     }
     text.push_str(&format!(", CFG scale: {}", request.guidance));
     if let NoiseSource::Seed(seed) = request.noise {

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use sdxl_models::pixels::RgbImage;
-pub use sdxl_models::scheduler::{Sampler, Spacing};
+pub use sdxl_models::scheduler::{Sampler, ScheduleKind, Spacing};
 
 use crate::images::decode_rgb;
 use crate::{Error, Result};
@@ -64,17 +64,17 @@ pub fn random_seed() -> u64 {
     RandomState::new().hash_one(std::time::SystemTime::now())
 }
 
-/// The sampler and timestep spacing of a request (default: Euler on the model's spacing).
+/// The sampler and schedule of a request (default: Euler on the model's schedule).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Sampling {
     pub sampler: Sampler,
-    /// `None`: the scheduler config's (`model`).
-    pub spacing: Option<Spacing>,
+    pub schedule: ScheduleKind,
 }
 
 impl Sampling {
     /// From the request fields `sampler` and `schedule` (absent: the defaults); an unknown
-    /// name is an error that lists the valid ones.
+    /// name, or a pair diffusers does not offer, is an error that names the field and lists
+    /// the valid values.
     pub fn parse(sampler: Option<&str>, schedule: Option<&str>) -> Result<Self> {
         let sampler = match sampler {
             None => Sampler::default(),
@@ -83,19 +83,23 @@ impl Sampling {
                 out_of_bounds("sampler", format!("one of {}", valid.join(", ")), format!("{name:?}"))
             })?,
         };
-        let spacing = match schedule {
-            None | Some("model") => None,
-            Some(name) => Some(Spacing::parse(name).ok_or_else(|| {
-                let valid: Vec<&str> = std::iter::once("model").chain(Spacing::ALL.iter().map(|s| s.name())).collect();
+        let schedule = match schedule {
+            None => ScheduleKind::default(),
+            Some(name) => ScheduleKind::parse(name).ok_or_else(|| {
+                let valid: Vec<&str> = ScheduleKind::ALL.iter().map(|s| s.name()).collect();
                 out_of_bounds("schedule", format!("one of {}", valid.join(", ")), format!("{name:?}"))
-            })?),
+            })?,
         };
-        Ok(Sampling { sampler, spacing })
-    }
-
-    /// The schedule's name: `model` or the spacing.
-    pub fn schedule_name(&self) -> &'static str {
-        self.spacing.map_or("model", Spacing::name)
+        if !sampler.supports(schedule) {
+            let valid: Vec<&str> =
+                ScheduleKind::ALL.iter().filter(|k| sampler.supports(**k)).map(|k| k.name()).collect();
+            return Err(out_of_bounds(
+                "schedule",
+                format!("one of {} with the sampler {:?}", valid.join(", "), sampler.name()),
+                format!("{:?} ({})", schedule.name(), sdxl_models::scheduler::unsupported_pair(sampler, schedule)),
+            ));
+        }
+        Ok(Sampling { sampler, schedule })
     }
 }
 

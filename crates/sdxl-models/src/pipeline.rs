@@ -16,7 +16,7 @@ use crate::clip::tokenizer::ClipTokenizer;
 use crate::nn::div_scalar;
 use crate::noise::{NormalFill, TorchGenerator};
 use crate::pixels::{GrayImage, RgbImage};
-use crate::scheduler::{EulerDiscrete, Sampler, Schedule, Spacing};
+use crate::scheduler::{Sampler, Schedule, ScheduleKind, Scheduler};
 use crate::unet::{Conditioning, UNet};
 use crate::vae::Vae;
 use crate::{Error, Result};
@@ -29,7 +29,7 @@ pub struct Components {
     pub text_encoder_2: ClipTextModel,
     pub unet: UNet,
     pub vae: Vae,
-    pub scheduler: EulerDiscrete,
+    pub scheduler: Scheduler,
     /// `force_zeros_for_empty_prompt` from `model_index.json`.
     pub force_zeros_for_empty_prompt: bool,
 }
@@ -47,8 +47,8 @@ pub struct Generation<'a> {
     /// The image to start from (img2img, inpainting); `None` for text to image.
     pub source: Option<Source<'a>>,
     pub sampler: Sampler,
-    /// The timestep spacing; `None`: the scheduler config's.
-    pub spacing: Option<Spacing>,
+    /// The schedule: the scheduler config's, Karras sigmas or a timestep spacing.
+    pub schedule: ScheduleKind,
     /// A stochastic sampler's per-step noise continues a CPU torch generator seeded with this
     /// after the initial latents' draw, as diffusers' pipelines draw from their generator.
     pub seed: u64,
@@ -141,7 +141,7 @@ impl Pipeline {
         // 1. encode the prompt (and the negative prompt under guidance)
         let text = self.encode_prompt(request.prompt, request.negative_prompt, guided)?;
         // 2. timesteps and sigmas, cut to the last int(steps · strength) for an input image
-        let mut schedule = self.parts.scheduler.schedule_for(request.steps, request.sampler, request.spacing)?;
+        let mut schedule = self.parts.scheduler.schedule_for(request.steps, request.sampler, request.schedule)?;
         if let Some(source) = &request.source {
             schedule = schedule.from_strength(request.steps, source.strength)?;
         }
@@ -286,6 +286,7 @@ impl Pipeline {
         let total = schedule.timesteps.len();
         let cond = Conditioning { context: &text.context, text_embeds: &text.pooled, time_ids };
         let mut latents = start.latents;
+        let mut stepper = schedule.stepper();
         for (i, &t) in schedule.timesteps.iter().enumerate() {
             let input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let input = schedule.scale_model_input(&input, i)?;
@@ -296,7 +297,7 @@ impl Pipeline {
                 let cond_pred = prediction.narrow(0, 1, 1)?;
                 prediction = (&uncond + ((cond_pred - &uncond)? * guidance)?)?;
             }
-            latents = schedule.step(&prediction, i, &latents, step_noise)?;
+            latents = stepper.step(&prediction, i, &latents, step_noise)?;
             if let Some(inpaint) = &start.inpaint {
                 latents = inpaint.keep_unmasked(&latents, schedule, i)?;
             }
