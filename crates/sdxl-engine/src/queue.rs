@@ -657,6 +657,7 @@ mod tests {
             guidance: 0.0,
             noise: NoiseSource::Seed(0),
             source: None,
+            sampling: Default::default(),
         }
     }
 
