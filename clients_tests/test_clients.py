@@ -221,9 +221,9 @@ def webui(server):
     check("webuiapi txt2img seeded: reproducible, info parsed with the seed",
           same and first.info["seed"] == 42 and first.info["all_seeds"] == [42] and first.image.size == (256, 256),
           info_seed=first.info.get("seed"))
-    check("the sampler it asks for by default (Euler a) runs as Euler, and info says so",
-          first.info["sampler_name"] == "Euler" and "Euler a" in first.info["extra_generation_params"]["Sampler"],
-          extra=first.info["extra_generation_params"])
+    check("the sampler it asks for by default (Euler a) runs, with nothing falling back",
+          first.info["sampler_name"] == "Euler a" and "Sampler" not in first.info["extra_generation_params"],
+          info=first.info.get("sampler_name"), extra=first.info["extra_generation_params"])
     check("the PNG carries the parameters text", "Seed: 42" in first.image.info.get("parameters", ""))
     random = api.txt2img(prompt="a red fox", steps=1, batch_size=2, **SMALL)
     seeds = random.info["all_seeds"]
@@ -244,8 +244,18 @@ def webui(server):
           result.image.size == (256, 256) and result.image.tobytes() != inverted.image.tobytes())
 
     samplers = api.util_get_sampler_names()
-    check("samplers: Euler listed", samplers == ["Euler"], samplers=samplers)
-    check("schedulers: automatic first", api.util_get_scheduler_names()[0] == "automatic")
+    check("samplers: every one listed, Euler first",
+          samplers == ["Euler", "Euler a", "Heun", "DPM++ 2M", "DPM++ 2M SDE", "DDIM", "UniPC", "LCM"],
+          samplers=samplers)
+    schedulers = api.util_get_scheduler_names()
+    check("schedulers: automatic first, then karras and sgm_uniform",
+          schedulers == ["automatic", "karras", "sgm_uniform"], schedulers=schedulers)
+    karras = api.txt2img(prompt="a red fox", seed=42, steps=3, cfg_scale=2, sampler_name="DPM++ 2M SDE",
+                         scheduler="Karras", **SMALL)
+    check("sampler_name and scheduler run and are in the infotext",
+          karras.info["sampler_name"] == "DPM++ 2M SDE"
+          and "Sampler: DPM++ 2M SDE, Schedule type: Karras" in karras.image.info.get("parameters", ""),
+          info=karras.info.get("sampler_name"))
     names = api.util_get_model_names()
     check("sd-models: the loaded model", names == [LIGHTNING_UNET], names=names)
     api.util_set_model(LIGHTNING_UNET)

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use sdxl_engine::{GenerateRequest, Limits, NoiseSource, RawRequest};
+use sdxl_engine::{GenerateRequest, Limits, NoiseSource, RawRequest, Sampling};
 use sdxl_models::pipeline::{Pipeline, StepProgress};
 
 use crate::model_args::ModelArgs;
@@ -40,9 +40,18 @@ pub struct GenerateArgs {
     seed: Option<u64>,
     /// Noise: a safetensors file with one f32 tensor `noise` of shape [1, C, H/f, W/f]
     /// (C latent channels, f the VAE scale factor: [1, 4, H/8, W/8] for SDXL). With --image it
-    /// is the noise added to the image latents.
+    /// is the noise added to the image latents. A stochastic sampler's per-step noise then
+    /// comes from a generator seeded with 0.
     #[arg(long)]
     noise: Option<PathBuf>,
+    /// The sampler, as the diffusers scheduler class of that name computes it: euler
+    /// (EulerDiscreteScheduler) or euler_a (EulerAncestralDiscreteScheduler, whose per-step
+    /// noise continues the seed's generator).
+    #[arg(long, default_value = "euler")]
+    sampler: String,
+    /// The timestep spacing: model (the scheduler config's), leading, linspace or trailing.
+    #[arg(long, default_value = "model")]
+    schedule: String,
     /// Input image (PNG, JPEG or WebP) for img2img, or for inpainting with --mask; resized
     /// to the output size with a Lanczos filter when its size differs.
     #[arg(long)]
@@ -83,6 +92,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             image: args.image.as_deref().map(read_input).transpose()?,
             mask: args.mask.as_deref().map(read_input).transpose()?,
             strength: args.strength,
+            sampling: Sampling::parse(Some(&args.sampler), Some(&args.schedule))?,
         },
         &Limits::CLI,
     )?;

@@ -1,5 +1,6 @@
 //! `sdxl serve` as a process: configuration from SDXL_* variables, the start-up line, a
-//! generation equal to `sdxl generate`'s, auth, and a clean exit on SIGTERM.
+//! generation equal to `sdxl generate`'s (with the sampler fields too), auth, and a clean
+//! exit on SIGTERM.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -47,6 +48,19 @@ fn start_server() -> (Server, String) {
     (Server(child), url)
 }
 
+/// `sdxl generate` of the served request (256², 2 steps, guidance 0, seed 11) with `extra` flags.
+fn cli_png(out: &std::path::Path, extra: &[&str]) -> Vec<u8> {
+    let status = Command::new(env!("CARGO_BIN_EXE_sdxl"))
+        .args(["generate", "--model", fixture_model().to_str().unwrap(), "--prompt", "a cat"])
+        .args(["--width", "256", "--height", "256", "--steps", "2", "--guidance", "0", "--seed", "11"])
+        .args(extra)
+        .args(["--output", out.to_str().unwrap()])
+        .status()
+        .expect("sdxl generate");
+    assert!(status.success());
+    std::fs::read(out).unwrap()
+}
+
 #[test]
 fn serves_generates_and_stops_on_sigterm() {
     let (mut server, base) = start_server();
@@ -63,24 +77,32 @@ fn serves_generates_and_stops_on_sigterm() {
     let served = response.bytes().expect("body");
 
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("cli.png");
-    let status = Command::new(env!("CARGO_BIN_EXE_sdxl"))
-        .args([
-            "generate",
-            "--model",
-            fixture_model().to_str().unwrap(),
-            "--prompt",
-            "a cat",
-            "--width",
-            "256",
-            "--height",
-            "256",
-        ])
-        .args(["--steps", "2", "--guidance", "0", "--seed", "11", "--output", out.to_str().unwrap()])
-        .status()
-        .expect("sdxl generate");
-    assert!(status.success());
-    assert_eq!(served.as_ref(), std::fs::read(&out).unwrap().as_slice(), "server and CLI differ for the same seed");
+    let cli = cli_png(&dir.path().join("cli.png"), &[]);
+    assert_eq!(served.as_ref(), cli.as_slice(), "server and CLI differ for the same seed");
+
+    // the sampler and schedule fields: the same bytes as --sampler/--schedule
+    for (sampler, schedule) in [("dpmpp_2m_sde", "karras"), ("unipc", "trailing"), ("lcm", "model")] {
+        let body = serde_json::json!({"prompt": "a cat", "width": 256, "height": 256, "num_steps": 2,
+            "guidance": 0, "seed": 11, "sampler": sampler, "schedule": schedule});
+        let response = client.post(&run).bearer_auth("second-key").json(&body).send().expect("request");
+        assert_eq!(response.status().as_u16(), 200, "{sampler} {schedule}");
+        let served = response.bytes().expect("body");
+        let out = dir.path().join(format!("{sampler}.png"));
+        let cli = cli_png(&out, &["--sampler", sampler, "--schedule", schedule]);
+        assert_eq!(served.as_ref(), cli.as_slice(), "server and CLI differ with {sampler} / {schedule}");
+        assert_ne!(cli, cli_png(&dir.path().join("euler.png"), &[]), "{sampler} / {schedule} is not Euler's image");
+    }
+    for (fields, named) in [
+        (serde_json::json!({"sampler": "dpm_fast"}), "euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde, ddim, unipc, lcm"),
+        (serde_json::json!({"sampler": "ddim", "schedule": "karras"}), "DDIMScheduler"),
+    ] {
+        let mut body = serde_json::json!({"prompt": "a cat", "num_steps": 2});
+        body.as_object_mut().unwrap().extend(fields.as_object().unwrap().clone());
+        let response = client.post(&run).bearer_auth("second-key").json(&body).send().expect("request");
+        assert_eq!(response.status().as_u16(), 400, "{body}");
+        let text = response.text().unwrap();
+        assert!(text.contains(named), "{body}: {text}");
+    }
 
     let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
     assert!(kill.success());

@@ -11,6 +11,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use sdxl_models::nn::flops;
 use sdxl_models::pipeline::{Generation, Pipeline};
+use sdxl_models::scheduler::Sampler;
 use sdxl_models::unet::Conditioning;
 
 use crate::{Error, Result};
@@ -133,6 +134,9 @@ pub fn measure(
                     steps: 4,
                     guidance: 0.0,
                     source: None,
+                    sampler: Sampler::Euler,
+                    schedule: Default::default(),
+                    seed: 0,
                 };
                 pipeline
                     .generate(&request, &noise, &mut |_| std::ops::ControlFlow::Continue(()))

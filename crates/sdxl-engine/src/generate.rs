@@ -75,6 +75,13 @@ pub fn generate(
             strength: source.strength,
             mask: mask.as_ref(),
         }),
+        sampler: request.sampling.sampler,
+        schedule: request.sampling.schedule,
+        // a noise file gives no generator: a stochastic sampler's steps then draw from seed 0
+        seed: match request.noise {
+            NoiseSource::Seed(seed) => seed,
+            NoiseSource::File(_) => 0,
+        },
     };
     // A GPU runs a step's kernels after the step's call returns; waiting for them before
     // reporting keeps progress and step times true (and costs little: the next step waits anyway).

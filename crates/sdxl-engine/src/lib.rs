@@ -22,4 +22,4 @@ pub use error::{Error, Result};
 pub use queue::{
     Backend, Completed, Event, PipelineBackend, Placement, Queue, QueueConfig, Step, Submission, Ticket, Update,
 };
-pub use request::{GenerateRequest, Limits, NoiseSource, RawRequest};
+pub use request::{GenerateRequest, Limits, NoiseSource, RawRequest, Sampling};

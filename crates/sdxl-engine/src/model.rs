@@ -15,7 +15,7 @@ use sdxl_models::clip::text_model::ClipTextModel;
 use sdxl_models::clip::tokenizer::ClipTokenizer;
 use sdxl_models::lora::{LoraFile, LoraSet};
 use sdxl_models::pipeline::{Components, Pipeline};
-use sdxl_models::scheduler::{EulerDiscrete, SchedulerConfig};
+use sdxl_models::scheduler::{Scheduler, SchedulerConfig};
 use sdxl_models::sgm;
 use sdxl_models::unet::UNet;
 use sdxl_models::vae::Vae;
@@ -262,7 +262,7 @@ fn standalone(file: &Path, component: &str) -> Result<ComponentWeights> {
     })
 }
 
-fn load_scheduler(path: &Path, model: &Path, overrides: &Overrides) -> Result<EulerDiscrete> {
+fn load_scheduler(path: &Path, model: &Path, overrides: &Overrides) -> Result<Scheduler> {
     let mut config: SchedulerConfig = sdxl_models::config::read_json(path)?;
     let (spacing, prediction) = overrides.scheduler_changes(model);
     if let Some(spacing) = spacing {
@@ -271,7 +271,7 @@ fn load_scheduler(path: &Path, model: &Path, overrides: &Overrides) -> Result<Eu
     if let Some(prediction) = prediction {
         config.prediction_type = prediction;
     }
-    EulerDiscrete::new(&config).map_err(|message| Error::Models(sdxl_models::Error::config(path, message)))
+    Scheduler::new(&config).map_err(|message| Error::Models(sdxl_models::Error::config(path, message)))
 }
 
 /// Cross-component checks: the UNet's context and pooled widths must match the encoders'.
@@ -342,6 +342,7 @@ mod tests {
             image: None,
             mask: None,
             strength: None,
+            sampling: Default::default(),
         };
         let request = GenerateRequest::parse(raw, &Limits::CLI).unwrap();
         crate::generate::generate(pipeline, &request, &mut |_| std::ops::ControlFlow::Continue(())).unwrap()

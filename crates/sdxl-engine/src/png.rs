@@ -20,7 +20,11 @@ pub fn parameters_text(request: &GenerateRequest, model: &str) -> String {
     if let Some(negative) = &request.negative_prompt {
         text.push_str(&format!("\nNegative prompt: {negative}"));
     }
-    text.push_str(&format!("\nSteps: {}, Sampler: Euler, CFG scale: {}", request.steps, request.guidance));
+    text.push_str(&format!("\nSteps: {}, Sampler: {}", request.steps, request.sampling.sampler.label()));
+    if let Some(schedule) = request.sampling.schedule.label() {
+        text.push_str(&format!(", Schedule type: {schedule}"));
+    }
+    text.push_str(&format!(", CFG scale: {}", request.guidance));
     if let NoiseSource::Seed(seed) = request.noise {
         text.push_str(&format!(", Seed: {seed}"));
     }
@@ -115,6 +119,7 @@ mod tests {
             image: None,
             mask: None,
             strength: None,
+            sampling: Default::default(),
         };
         GenerateRequest::parse(raw, &crate::Limits::CLI).unwrap()
     }

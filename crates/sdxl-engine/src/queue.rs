@@ -657,6 +657,7 @@ mod tests {
             guidance: 0.0,
             noise: NoiseSource::Seed(0),
             source: None,
+            sampling: Default::default(),
         }
     }
 
@@ -974,6 +975,7 @@ mod tests {
             image: None,
             mask: None,
             strength: None,
+            sampling: Default::default(),
         };
         let request = GenerateRequest::parse(raw, &Limits::CLI).unwrap();
         let direct = crate::generate::generate(&load(), &request, &mut |_| ControlFlow::Continue(())).unwrap();

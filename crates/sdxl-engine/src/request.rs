@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use sdxl_models::pixels::RgbImage;
+pub use sdxl_models::scheduler::{Sampler, ScheduleKind, Spacing};
 
 use crate::images::decode_rgb;
 use crate::{Error, Result};
@@ -63,6 +64,45 @@ pub fn random_seed() -> u64 {
     RandomState::new().hash_one(std::time::SystemTime::now())
 }
 
+/// The sampler and schedule of a request (default: Euler on the model's schedule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sampling {
+    pub sampler: Sampler,
+    pub schedule: ScheduleKind,
+}
+
+impl Sampling {
+    /// From the request fields `sampler` and `schedule` (absent: the defaults); an unknown
+    /// name, or a pair diffusers does not offer, is an error that names the field and lists
+    /// the valid values.
+    pub fn parse(sampler: Option<&str>, schedule: Option<&str>) -> Result<Self> {
+        let sampler = match sampler {
+            None => Sampler::default(),
+            Some(name) => Sampler::parse(name).ok_or_else(|| {
+                let valid: Vec<&str> = Sampler::ALL.iter().map(|s| s.name()).collect();
+                out_of_bounds("sampler", format!("one of {}", valid.join(", ")), format!("{name:?}"))
+            })?,
+        };
+        let schedule = match schedule {
+            None => ScheduleKind::default(),
+            Some(name) => ScheduleKind::parse(name).ok_or_else(|| {
+                let valid: Vec<&str> = ScheduleKind::ALL.iter().map(|s| s.name()).collect();
+                out_of_bounds("schedule", format!("one of {}", valid.join(", ")), format!("{name:?}"))
+            })?,
+        };
+        if !sampler.supports(schedule) {
+            let valid: Vec<&str> =
+                ScheduleKind::ALL.iter().filter(|k| sampler.supports(**k)).map(|k| k.name()).collect();
+            return Err(out_of_bounds(
+                "schedule",
+                format!("one of {} with the sampler {:?}", valid.join(", "), sampler.name()),
+                format!("{:?} ({})", schedule.name(), sdxl_models::scheduler::unsupported_pair(sampler, schedule)),
+            ));
+        }
+        Ok(Sampling { sampler, schedule })
+    }
+}
+
 /// The fields of a request as a front end received them.
 #[derive(Debug, Clone)]
 pub struct RawRequest {
@@ -80,6 +120,7 @@ pub struct RawRequest {
     pub mask: Option<Vec<u8>>,
     /// img2img / inpainting strength, 0–1 (default 1); ignored without an image.
     pub strength: Option<f64>,
+    pub sampling: Sampling,
 }
 
 /// A decoded input image with its strength and optional mask, at their own sizes.
@@ -102,6 +143,7 @@ pub struct GenerateRequest {
     pub guidance: f64,
     pub noise: NoiseSource,
     pub source: Option<SourceImage>,
+    pub sampling: Sampling,
 }
 
 impl GenerateRequest {
@@ -142,6 +184,7 @@ impl GenerateRequest {
             guidance: raw.guidance,
             noise: raw.noise,
             source,
+            sampling: raw.sampling,
         })
     }
 }
@@ -199,6 +242,7 @@ mod tests {
             image: None,
             mask: None,
             strength: None,
+            sampling: Default::default(),
         }
     }
 

@@ -70,6 +70,7 @@ mod tests {
             image: None,
             mask: None,
             strength: None,
+            sampling: Default::default(),
         };
         GenerateRequest::parse(raw, &Limits::CLI).unwrap()
     }

@@ -14,8 +14,9 @@ use candle_core::{DType, Device, Tensor};
 use crate::clip::text_model::ClipTextModel;
 use crate::clip::tokenizer::ClipTokenizer;
 use crate::nn::div_scalar;
+use crate::noise::{NormalFill, TorchGenerator};
 use crate::pixels::{GrayImage, RgbImage};
-use crate::scheduler::{EulerDiscrete, Schedule};
+use crate::scheduler::{Sampler, Schedule, ScheduleKind, Scheduler};
 use crate::unet::{Conditioning, UNet};
 use crate::vae::Vae;
 use crate::{Error, Result};
@@ -28,7 +29,7 @@ pub struct Components {
     pub text_encoder_2: ClipTextModel,
     pub unet: UNet,
     pub vae: Vae,
-    pub scheduler: EulerDiscrete,
+    pub scheduler: Scheduler,
     /// `force_zeros_for_empty_prompt` from `model_index.json`.
     pub force_zeros_for_empty_prompt: bool,
 }
@@ -45,6 +46,12 @@ pub struct Generation<'a> {
     pub guidance: f64,
     /// The image to start from (img2img, inpainting); `None` for text to image.
     pub source: Option<Source<'a>>,
+    pub sampler: Sampler,
+    /// The schedule: the scheduler config's, Karras sigmas or a timestep spacing.
+    pub schedule: ScheduleKind,
+    /// A stochastic sampler's per-step noise continues a CPU torch generator seeded with this
+    /// after the initial latents' draw, as diffusers' pipelines draw from their generator.
+    pub seed: u64,
 }
 
 /// The input image of img2img and inpainting, already at the generation size.
@@ -134,7 +141,7 @@ impl Pipeline {
         // 1. encode the prompt (and the negative prompt under guidance)
         let text = self.encode_prompt(request.prompt, request.negative_prompt, guided)?;
         // 2. timesteps and sigmas, cut to the last int(steps · strength) for an input image
-        let mut schedule = self.parts.scheduler.schedule(request.steps)?;
+        let mut schedule = self.parts.scheduler.schedule_for(request.steps, request.sampler, request.schedule)?;
         if let Some(source) = &request.source {
             schedule = schedule.from_strength(request.steps, source.strength)?;
         }
@@ -145,7 +152,21 @@ impl Pipeline {
         let (h, w) = (request.height as f32, request.width as f32);
         let time_ids = vec![[h, w, 0.0, 0.0, h, w]; if guided { 2 } else { 1 }];
         // 5. denoise
-        let latents = self.denoise(start, &schedule, &text, &time_ids, request.guidance, on_step)?;
+        let mut generator = request.sampler.is_stochastic().then(|| {
+            let mut generator = TorchGenerator::new(request.seed);
+            generator.randn(noise.elem_count(), NormalFill::default()); // the initial latents
+            generator
+        });
+        let device = self.device.clone();
+        let mut step_noise = |shape: &[usize]| -> Result<Tensor> {
+            let generator = generator
+                .as_mut()
+                .ok_or_else(|| Error::InvalidArgument("a deterministic sampler drew noise".into()))?;
+            let values = generator.randn(shape.iter().product(), NormalFill::default());
+            Ok(Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(&device)?)
+        };
+        let steps = Steps { text: &text, time_ids: &time_ids, guidance: request.guidance };
+        let latents = self.denoise(start, &schedule, &steps, &mut step_noise, on_step)?;
         // 6. decode
         self.decode(&latents)
     }
@@ -256,15 +277,16 @@ impl Pipeline {
         &self,
         start: Start,
         schedule: &Schedule,
-        text: &PromptEmbeddings,
-        time_ids: &[[f32; 6]],
-        guidance: f64,
+        steps: &Steps,
+        step_noise: &mut dyn FnMut(&[usize]) -> Result<Tensor>,
         on_step: &mut dyn FnMut(&StepProgress) -> ControlFlow<()>,
     ) -> Result<Tensor> {
+        let Steps { text, time_ids, guidance } = *steps;
         let guided = time_ids.len() == 2;
         let total = schedule.timesteps.len();
         let cond = Conditioning { context: &text.context, text_embeds: &text.pooled, time_ids };
         let mut latents = start.latents;
+        let mut stepper = schedule.stepper();
         for (i, &t) in schedule.timesteps.iter().enumerate() {
             let input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let input = schedule.scale_model_input(&input, i)?;
@@ -275,7 +297,7 @@ impl Pipeline {
                 let cond_pred = prediction.narrow(0, 1, 1)?;
                 prediction = (&uncond + ((cond_pred - &uncond)? * guidance)?)?;
             }
-            latents = schedule.step(&prediction, i, &latents)?;
+            latents = stepper.step(&prediction, i, &latents, step_noise)?;
             if let Some(inpaint) = &start.inpaint {
                 latents = inpaint.keep_unmasked(&latents, schedule, i)?;
             }
@@ -291,6 +313,14 @@ impl Pipeline {
         let scaled = div_scalar(&latents.to_dtype(DType::F32)?, self.parts.vae.config().scaling_factor as f32)?;
         RgbImage::from_tensor(&self.parts.vae.decode(&scaled)?)
     }
+}
+
+/// What every denoising step is conditioned on.
+#[derive(Clone, Copy)]
+struct Steps<'a> {
+    text: &'a PromptEmbeddings,
+    time_ids: &'a [[f32; 6]],
+    guidance: f64,
 }
 
 impl Inpaint {

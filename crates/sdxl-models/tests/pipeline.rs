@@ -10,7 +10,7 @@ use common::{assert_close, fixtures, golden, Tol, MODELS};
 use sdxl_models::clip::text_model::ClipTextModel;
 use sdxl_models::clip::tokenizer::ClipTokenizer;
 use sdxl_models::pipeline::{Components, Generation, Pipeline};
-use sdxl_models::scheduler::EulerDiscrete;
+use sdxl_models::scheduler::{Sampler, Scheduler};
 use sdxl_models::unet::UNet;
 use sdxl_models::vae::Vae;
 use serde::Deserialize;
@@ -30,7 +30,7 @@ fn load(dir: &Path) -> Pipeline {
             .expect("text_encoder_2"),
         unet: UNet::load(&dir.join("unet"), DType::F32, &cpu).expect("unet"),
         vae: Vae::load(&dir.join("vae"), &cpu).expect("vae"),
-        scheduler: EulerDiscrete::load(&dir.join("scheduler/scheduler_config.json")).expect("scheduler"),
+        scheduler: Scheduler::load(&dir.join("scheduler/scheduler_config.json")).expect("scheduler"),
         force_zeros_for_empty_prompt: true,
     };
     Pipeline::new(parts, &cpu)
@@ -92,6 +92,9 @@ fn latents_after_each_step_match_diffusers() {
             steps: case.steps,
             guidance: case.guidance,
             source: None,
+            sampler: Sampler::Euler,
+            schedule: Default::default(),
+            seed: 0,
         };
         let mut seen = 0;
         pipeline
@@ -118,6 +121,9 @@ fn a_step_callback_that_breaks_cancels_the_run() {
         steps: 4,
         guidance: 0.0,
         source: None,
+        sampler: Sampler::Euler,
+        schedule: Default::default(),
+        seed: 0,
     };
     let mut seen = Vec::new();
     let result = pipeline.generate(&request, &noise, &mut |progress| {

@@ -11,7 +11,7 @@ use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use sdxl_engine::output::OutputFormat;
 use sdxl_engine::queue::{Completed, Submission};
-use sdxl_engine::{GenerateRequest, Limits, NoiseSource, RawRequest, Ticket};
+use sdxl_engine::{GenerateRequest, Limits, NoiseSource, RawRequest, Sampling, Ticket};
 use sdxl_models::pixels::RgbImage;
 
 use crate::admission::Reservation;
@@ -135,6 +135,7 @@ fn to_raw(wire: RunRequest, config: &ServerConfig) -> Result<(RawRequest, u64), 
         image,
         mask: wire.mask.map(|m| m.0),
         strength: wire.strength,
+        sampling: Sampling::parse(wire.sampler.as_deref(), wire.schedule.as_deref()).map_err(ApiError::from_engine)?,
     };
     Ok((raw, seed))
 }

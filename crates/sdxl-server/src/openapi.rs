@@ -155,6 +155,9 @@ fn patch_request(object: &mut Object, name: &str, config: &ServerConfig) {
             p.default = Some(json!("png"));
         });
     }
+    if object.properties.contains_key("sampler") {
+        patch_sampling(object);
+    }
     // image bytes: integers 0-255 (the derive gives u8 no maximum)
     for field in ["image", "mask"] {
         if let Some(RefOr::T(Schema::Array(array))) = object.properties.get_mut(field) {
@@ -163,6 +166,35 @@ fn patch_request(object: &mut Object, name: &str, config: &ServerConfig) {
             ));
         }
     }
+}
+
+/// The `sampler` and `schedule` names, and (a `not` keyword, which the derive lacks) the
+/// pairs diffusers does not offer, so a schema-valid body is one the server accepts.
+fn patch_sampling(object: &mut Object) {
+    use sdxl_engine::request::{Sampler, ScheduleKind};
+    let names = |names: Vec<&str>| names.into_iter().map(|n| json!(n)).chain([Value::Null]).collect::<Vec<_>>();
+    for (field, values) in [
+        ("sampler", names(Sampler::ALL.iter().map(|s| s.name()).collect())),
+        ("schedule", names(ScheduleKind::ALL.iter().map(|k| k.name()).collect())),
+    ] {
+        if let Some(RefOr::T(Schema::Object(property))) = object.properties.get_mut(field) {
+            property.enum_values = Some(values);
+        }
+    }
+    let refused: Vec<Value> = Sampler::ALL
+        .iter()
+        .filter_map(|&sampler| {
+            let kinds: Vec<&str> =
+                ScheduleKind::ALL.iter().filter(|k| !sampler.supports(**k)).map(|k| k.name()).collect();
+            (!kinds.is_empty()).then(|| {
+                json!({
+                    "properties": {"sampler": {"const": sampler.name()}, "schedule": {"enum": kinds}},
+                    "required": ["sampler", "schedule"],
+                })
+            })
+        })
+        .collect();
+    object.extensions.get_or_insert_with(Default::default).insert("not".into(), json!({"anyOf": refused}));
 }
 
 /// `{"result": null, "success": false, "errors": [{"code", "message"}], "messages": []}`.

@@ -48,6 +48,12 @@ pub struct RunRequest {
     /// Random seed for reproducibility (0 to 2^64-1); random when absent.
     #[serde(default, deserialize_with = "optional_integer")]
     pub seed: Option<u64>,
+    /// The sampler (an extension): euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde, ddim, unipc or
+    /// lcm, each as its diffusers scheduler class computes it (default euler).
+    pub sampler: Option<String>,
+    /// The schedule (an extension): model (the model's own), karras, leading, linspace or
+    /// trailing; `karras` needs a sampler that has it.
+    pub schedule: Option<String>,
 }
 
 /// An optional integer field as JSON Schema's `integer` means it: `1024`, `1024.0` and

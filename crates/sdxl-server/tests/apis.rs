@@ -163,11 +163,27 @@ async fn txt2img_answers_as_automatic1111() {
     assert_eq!(info["all_seeds"], json!([7, 8]));
     assert_eq!((info["steps"].as_u64(), info["cfg_scale"].as_f64()), (Some(4), Some(0.0)), "the server's defaults");
     assert_eq!(info["prompt"], json!("a fox"), "extra-network tags are not prompt text");
-    assert_eq!(info["extra_generation_params"]["Sampler"], json!("DPM++ 2M → Euler"));
-    assert_eq!(info["extra_generation_params"]["Schedule type"], json!("karras → Automatic"));
+    assert_eq!(info["sampler_name"], json!("DPM++ 2M"), "the sampler asked for runs");
+    assert_eq!(info["extra_generation_params"], json!({}), "nothing fell back");
     let infotext = info["infotexts"][1].as_str().unwrap();
+    assert!(infotext.contains("Sampler: DPM++ 2M, Schedule type: Karras,"), "{infotext}");
     assert!(infotext.ends_with(", Seed: 8, Size: 256x256, Model: sdxl"), "{infotext}");
     assert_eq!(parameters_of(answer["images"][1].as_str().unwrap()), infotext);
+
+    // names this server lacks fall back and say so; a pair diffusers lacks is refused
+    let request = client().post(format!("{base}/sdapi/v1/txt2img")).header("authorization", basic(ALICE));
+    let body = json!({"prompt": "x", "width": 256, "height": 256, "sampler_name": "Restart", "scheduler": "Exponential"});
+    let (status, answer) = send(request.json(&body)).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let info: Value = serde_json::from_str(answer["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["sampler_name"], json!("Euler"));
+    assert_eq!(info["extra_generation_params"]["Sampler"], json!("Restart → Euler"));
+    assert_eq!(info["extra_generation_params"]["Schedule type"], json!("Exponential → Automatic"));
+    let request = client().post(format!("{base}/sdapi/v1/txt2img")).header("authorization", basic(ALICE));
+    let (status, answer) = send(request.json(&json!({"prompt": "x", "sampler_name": "DDIM", "scheduler": "Karras"}))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert_eq!(answer["detail"][0]["loc"], json!(["body", "scheduler"]), "{answer}");
+    assert!(answer.to_string().contains("DDIMScheduler"), "{answer}");
 
     let request = client().post(format!("{base}/sdapi/v1/txt2img")).header("authorization", basic(ALICE));
     let (status, answer) = send(request.json(&json!({"prompt": "x", "cfg_scale": 31}))).await;

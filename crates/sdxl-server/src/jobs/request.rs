@@ -3,7 +3,7 @@
 //! generation. Input images keep their encoded bytes (base64 in the JSON).
 
 use base64::Engine as _;
-use sdxl_engine::{NoiseSource, RawRequest};
+use sdxl_engine::{NoiseSource, RawRequest, Sampling};
 use serde::{Deserialize, Serialize};
 
 use super::StoreError;
@@ -23,6 +23,11 @@ pub struct StoredRequest {
     pub image: Option<String>,
     /// Base64 of the encoded mask.
     pub mask: Option<String>,
+    /// The sampler and schedule names; absent in jobs stored before there were more than one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampler: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
 }
 
 impl StoredRequest {
@@ -40,6 +45,8 @@ impl StoredRequest {
             strength: raw.strength,
             image: raw.image.as_ref().map(encode),
             mask: raw.mask.as_ref().map(encode),
+            sampler: Some(raw.sampling.sampler.name().into()),
+            schedule: Some(raw.sampling.schedule.name().into()),
         }
     }
 
@@ -65,6 +72,8 @@ impl StoredRequest {
             image: self.image.as_ref().map(decode).transpose()?,
             mask: self.mask.as_ref().map(decode).transpose()?,
             strength: self.strength,
+            sampling: Sampling::parse(self.sampler.as_deref(), self.schedule.as_deref())
+                .map_err(|e| StoreError(format!("bad sampling in a stored request: {e}")))?,
         })
     }
 
@@ -94,12 +103,14 @@ mod tests {
             image: Some(vec![1, 2, 3, 255]),
             mask: Some(vec![0]),
             strength: Some(0.5),
+            sampling: Sampling::parse(Some("dpmpp_2m_sde"), Some("karras")).unwrap(),
         };
         let stored = StoredRequest::new(&raw, u64::MAX);
         let back = StoredRequest::from_json(&stored.to_json()).unwrap();
         assert_eq!(back, stored);
         let again = back.to_raw().unwrap();
         assert_eq!(again.noise, NoiseSource::Seed(u64::MAX));
+        assert_eq!(again.sampling, raw.sampling);
         assert_eq!((again.image, again.mask), (raw.image, raw.mask));
         assert_eq!((again.width, again.height, again.steps, again.strength), (None, Some(512), 4, Some(0.5)));
     }

@@ -98,6 +98,7 @@ mod tests {
             image: None,
             mask: None,
             strength: None,
+            sampling: Default::default(),
         };
         StoredRequest::new(&raw, seed)
     }

@@ -129,5 +129,6 @@ pub fn raw(prompt: &str, steps: usize, seed: u64) -> RawRequest {
         image: None,
         mask: None,
         strength: None,
+        sampling: Default::default(),
     }
 }

@@ -1,5 +1,5 @@
 //! AUTOMATIC1111's lists, options, progress and interrupt. The lists hold what this server
-//! has: the one loaded model, the Euler sampler and the model's own schedule first (SillyTavern
+//! has: the one loaded model, the samplers with Euler and the model's own schedule first (SillyTavern
 //! takes the first of each as its default), no upscalers but "None", the `--vae` and `--lora`
 //! files if any.
 
@@ -11,8 +11,9 @@ use axum::{Extension, Json};
 use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
+use super::job_timestamp;
+use super::sampling;
 use super::wire::{Lora, Progress, ProgressState, Sampler, Scheduler, SdModel, SdVae, Upscaler};
-use super::{job_timestamp, SAMPLER, SCHEDULER};
 use crate::auth::Owner;
 use crate::error::{A1111Error, ApiError};
 use crate::generation::read_body;
@@ -104,17 +105,23 @@ pub async fn set_options(State(state): State<AppState>, body: Body) -> Result<Js
 }
 
 pub async fn samplers() -> Json<Vec<Sampler>> {
-    Json(vec![Sampler { name: SAMPLER.into(), aliases: vec!["k_euler".into()], options: Map::new() }])
+    let list = sdxl_engine::request::Sampler::ALL.into_iter().map(|s| Sampler {
+        name: s.label().into(),
+        aliases: sampling::aliases(s).iter().map(|a| a.to_string()).collect(),
+        options: Map::new(),
+    });
+    Json(list.collect())
 }
 
 pub async fn schedulers() -> Json<Vec<Scheduler>> {
-    Json(vec![Scheduler {
-        name: SCHEDULER.into(),
-        label: "Automatic".into(),
+    let list = sampling::SCHEDULERS.iter().map(|&(name, label, kind)| Scheduler {
+        name: name.into(),
+        label: label.into(),
         aliases: None,
-        default_rho: -1.0,
+        default_rho: if kind == sdxl_engine::request::ScheduleKind::Karras { 7.0 } else { -1.0 },
         need_inner_model: false,
-    }])
+    });
+    Json(list.collect())
 }
 
 pub async fn upscalers() -> Json<Vec<Upscaler>> {

@@ -5,6 +5,7 @@
 //! ([`A1111Error`]); auth is the server's (Basic with the key as password works).
 
 pub mod info;
+mod sampling;
 pub mod wire;
 
 use axum::body::Body;
@@ -29,11 +30,6 @@ pub const LIMITS: Limits = Limits { max_steps: 150, steps_field: "steps", defaul
 
 /// The most images one request may make (`batch_size × n_iter`); they queue one by one.
 pub const MAX_IMAGES: usize = 10;
-
-/// The sampler every request runs with, until there are more.
-pub const SAMPLER: &str = "Euler";
-/// The schedule: the model's own (trailing timesteps for Lightning).
-pub const SCHEDULER: &str = "automatic";
 
 /// The version `info` reports.
 const VERSION: &str = concat!("sdxl ", env!("CARGO_PKG_VERSION"));
@@ -175,16 +171,19 @@ async fn plan(state: &AppState, wire: GenerationRequest, img2img: bool) -> Resul
     let seeds = (0..count as u64).map(|i| first_seed.wrapping_add(i)).collect();
     let mut extra = Map::new();
     let requested = wire.sampler_name.or(wire.sampler_index).filter(|s| !s.is_empty());
-    let sampler = match requested {
-        Some(name) if !is_sampler(&name) => {
-            extra.insert("Sampler".into(), json!(format!("{name} → {SAMPLER}")));
-            SAMPLER.to_string()
-        }
-        _ => SAMPLER.to_string(),
-    };
-    if let Some(name) = wire.scheduler.filter(|s| !s.is_empty() && !s.eq_ignore_ascii_case(SCHEDULER)) {
-        extra.insert("Schedule type".into(), json!(format!("{name} → Automatic")));
+    let scheduler = wire.scheduler.filter(|s| !s.is_empty());
+    let (sampling, notes) = sampling::resolve(requested.as_deref(), scheduler.as_deref());
+    if !sampling.sampler.supports(sampling.schedule) {
+        return Err(invalid(
+            "scheduler",
+            &format!("a scheduler the sampler {:?} takes", sampling.sampler.label()),
+            sdxl_models::scheduler::unsupported_pair(sampling.sampler, sampling.schedule),
+        ));
     }
+    for (key, note) in notes {
+        extra.insert(key.into(), json!(note));
+    }
+    let sampler = sampling.sampler.label().to_string();
     let (image, mask, strength) = if img2img {
         let first = wire.init_images.as_ref().and_then(|images| images.first());
         let image = first.ok_or_else(|| invalid("init_images", "a list of at least one base64 image", "none"))?;
@@ -212,6 +211,7 @@ async fn plan(state: &AppState, wire: GenerationRequest, img2img: bool) -> Resul
         image,
         mask,
         strength,
+        sampling,
     };
     Ok(Plan { template, seeds, batch_size, sampler, extra, send_images: wire.send_images.unwrap_or(true) })
 }
@@ -239,12 +239,6 @@ async fn run_one(
             Update::Done(result) => return Ok(Some(generation::ended(state, result)?.image)),
         }
     }
-}
-
-/// Whether `name` is the sampler that runs (AUTOMATIC1111 matches names and aliases
-/// case-insensitively).
-fn is_sampler(name: &str) -> bool {
-    ["Euler", "k_euler"].iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
 /// The prompt without AUTOMATIC1111's extra-network tags (`<lora:name:0.8>`, `<hypernet:…>`),
@@ -331,11 +325,5 @@ mod tests {
         assert_eq!(civil_from_days(19_723), (2024, 1, 1));
         assert_eq!(civil_from_days(20_425), (2025, 12, 3));
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-    }
-
-    #[test]
-    fn euler_is_the_sampler_by_name_or_alias() {
-        assert!(is_sampler("Euler") && is_sampler("euler") && is_sampler("k_euler"));
-        assert!(!is_sampler("Euler a") && !is_sampler("DPM++ 2M Karras"));
     }
 }

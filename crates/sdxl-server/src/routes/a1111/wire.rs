@@ -38,11 +38,13 @@ pub struct GenerationRequest {
     #[schema(minimum = 1, maximum = 10, default = 1)]
     #[serde(default, deserialize_with = "crate::wire::optional_integer")]
     pub n_iter: Option<usize>,
-    /// Any name; samplers this server lacks run as Euler, as `info` says.
+    /// A name or alias of `GET /sdapi/v1/samplers` (also the older "DPM++ 2M Karras" style);
+    /// samplers this server lacks run as Euler, as `info` says.
     pub sampler_name: Option<String>,
     /// The older spelling of `sampler_name`, used when that is absent.
     pub sampler_index: Option<String>,
-    /// Any name; `automatic` is the model's own schedule, others run as it, as `info` says.
+    /// `automatic` (the model's own schedule), `karras` or `sgm_uniform` (trailing timesteps);
+    /// others run as `automatic`, as `info` says. A pair diffusers lacks (DDIM + Karras) is a 422.
     pub scheduler: Option<String>,
     /// `false`: answer no images (AUTOMATIC1111's `send_images`).
     #[serde(default)]

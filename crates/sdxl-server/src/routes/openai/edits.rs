@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::{Extension, Json};
 use sdxl_engine::images::{convert_mask, MaskMarks};
-use sdxl_engine::{NoiseSource, RawRequest};
+use sdxl_engine::{NoiseSource, RawRequest, Sampling};
 
 use super::wire::ImagesResponse;
 use super::{invalid, Answer};
@@ -23,7 +23,7 @@ use crate::AppState;
 const IMG2IMG_STRENGTH: f64 = 0.75;
 
 /// The text fields an edit takes; other fields are ignored.
-const TEXT_FIELDS: [&str; 11] = [
+const TEXT_FIELDS: [&str; 13] = [
     "prompt",
     "n",
     "size",
@@ -35,6 +35,8 @@ const TEXT_FIELDS: [&str; 11] = [
     "seed",
     "num_steps",
     "guidance",
+    "sampler",
+    "schedule",
 ];
 
 /// The fields of an edit as sent.
@@ -110,6 +112,7 @@ pub async fn edits(
         image: Some(image.to_vec()),
         mask,
         strength: Some(strength),
+        sampling: Sampling::parse(text("sampler"), text("schedule")).map_err(ApiError::from_engine)?,
     };
     Ok(Json(answer.run(&state, &owner, &headers, template, number("seed")?).await?))
 }

@@ -16,7 +16,7 @@ use axum::response::Response;
 use axum::{Extension, Json};
 use base64::Engine as _;
 use sdxl_engine::output::OutputFormat;
-use sdxl_engine::{Limits, NoiseSource, RawRequest};
+use sdxl_engine::{Limits, NoiseSource, RawRequest, Sampling};
 
 use crate::auth::Owner;
 use crate::error::{ApiError, OpenAiError};
@@ -62,6 +62,7 @@ pub async fn generations(
         image: None,
         mask: None,
         strength: None,
+        sampling: Sampling::parse(wire.sampler.as_deref(), wire.schedule.as_deref()).map_err(ApiError::from_engine)?,
     };
     Ok(Json(answer.run(&state, &owner, &headers, template, wire.seed).await?))
 }

@@ -37,6 +37,12 @@ pub struct ImagesRequest {
     pub num_steps: Option<usize>,
     /// Extension: guidance scale (0-30).
     pub guidance: Option<f64>,
+    /// The sampler (an extension): euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde, ddim, unipc or
+    /// lcm, each as its diffusers scheduler class computes it (default euler).
+    pub sampler: Option<String>,
+    /// The schedule (an extension): model (the model's own), karras, leading, linspace or
+    /// trailing; `karras` needs a sampler that has it.
+    pub schedule: Option<String>,
 }
 
 /// `POST /v1/images/edits`, a `multipart/form-data` body: img2img without a mask, inpainting
@@ -77,6 +83,12 @@ pub struct EditRequest {
     pub num_steps: Option<usize>,
     /// Extension: guidance scale (0-30).
     pub guidance: Option<f64>,
+    /// The sampler (an extension): euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde, ddim, unipc or
+    /// lcm, each as its diffusers scheduler class computes it (default euler).
+    pub sampler: Option<String>,
+    /// The schedule (an extension): model (the model's own), karras, leading, linspace or
+    /// trailing; `karras` needs a sampler that has it.
+    pub schedule: Option<String>,
 }
 
 /// One generated image: `b64_json` or `url`, as asked.
