@@ -37,6 +37,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // first, while this is the only thread: it writes the environment OpenBLAS loads with
+    sdxl_models::nn::kernels::prepare_process();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // --help and --version go to stdout unchanged

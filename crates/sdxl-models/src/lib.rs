@@ -5,16 +5,19 @@
 //! f32); the VAE decodes in f32. The UNet and text encoders run in the compute dtype chosen at
 //! load time.
 
+pub mod checkpoint;
 pub mod clip;
 pub mod error;
 pub mod noise;
 
 pub use error::{Error, Result};
 pub mod config;
+pub mod key_map;
 pub mod lora;
 pub mod nn;
 pub mod pipeline;
 pub mod pixels;
+mod random_weights;
 pub mod scheduler;
 pub mod sgm;
 pub mod unet;

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::weights::Checkpoint;
+use crate::checkpoint::Checkpoint;
 use crate::{Error, Result};
 
 /// The model part a LoRA update belongs to.

@@ -5,8 +5,8 @@
 //! One file holds all four components under these prefixes; the key correspondence follows
 //! diffusers' `convert_diffusers_to_original_sdxl.py` and `single_file_utils.py`.
 
+use crate::key_map::{KeyMap, Stored};
 use crate::unet::config::UNetPlan;
-use crate::weights::{KeyMap, Stored};
 
 pub const UNET_PREFIX: &str = "model.diffusion_model.";
 pub const VAE_PREFIX: &str = "first_stage_model.";

@@ -172,7 +172,8 @@ async fn txt2img_answers_as_automatic1111() {
 
     // names this server lacks fall back and say so; a pair diffusers lacks is refused
     let request = client().post(format!("{base}/sdapi/v1/txt2img")).header("authorization", basic(ALICE));
-    let body = json!({"prompt": "x", "width": 256, "height": 256, "sampler_name": "Restart", "scheduler": "Exponential"});
+    let body =
+        json!({"prompt": "x", "width": 256, "height": 256, "sampler_name": "Restart", "scheduler": "Exponential"});
     let (status, answer) = send(request.json(&body)).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     let info: Value = serde_json::from_str(answer["info"].as_str().unwrap()).unwrap();
@@ -180,7 +181,8 @@ async fn txt2img_answers_as_automatic1111() {
     assert_eq!(info["extra_generation_params"]["Sampler"], json!("Restart → Euler"));
     assert_eq!(info["extra_generation_params"]["Schedule type"], json!("Exponential → Automatic"));
     let request = client().post(format!("{base}/sdapi/v1/txt2img")).header("authorization", basic(ALICE));
-    let (status, answer) = send(request.json(&json!({"prompt": "x", "sampler_name": "DDIM", "scheduler": "Karras"}))).await;
+    let (status, answer) =
+        send(request.json(&json!({"prompt": "x", "sampler_name": "DDIM", "scheduler": "Karras"}))).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
     assert_eq!(answer["detail"][0]["loc"], json!(["body", "scheduler"]), "{answer}");
     assert!(answer.to_string().contains("DDIMScheduler"), "{answer}");

@@ -3,8 +3,6 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-#[cfg(feature = "openblas")]
-use super::cpu;
 use super::{flops, kernels, precision, GroupNorm};
 
 #[derive(Debug, Clone)]
@@ -52,14 +50,13 @@ impl Conv2d {
         norm: &GroupNorm,
         residual: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
-        #[cfg(feature = "openblas")]
-        if self.winograd_applies(x, false) && residual.is_none_or(|r| cpu::applies(&[r])) {
+        if self.winograd_applies(x, false, residual) {
             if let Some((scale, shift)) = norm.channel_affine(x)? {
                 let (_, _, h, w) = x.dims4()?;
                 self.count_flops(x, h, w)?;
                 let weight = precision::widened_for(&self.weight, x)?;
                 let affine = Some((scale.as_slice(), shift.as_slice()));
-                return cpu::winograd_conv2d(x, &weight, &self.bias, self.padding, false, affine, residual);
+                return kernels::winograd_conv2d(x, &weight, &self.bias, self.padding, false, affine, residual);
             }
         }
         let y = self.forward(&norm.forward_silu(x)?)?;
@@ -73,21 +70,17 @@ impl Conv2d {
     /// the kernel allows it.
     pub fn forward_upsampled(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        #[cfg(feature = "openblas")]
-        if self.winograd_applies(x, true) {
+        if self.winograd_applies(x, true, None) {
             self.count_flops(x, 2 * h, 2 * w)?;
             let weight = precision::widened_for(&self.weight, x)?;
-            return cpu::winograd_conv2d(x, &weight, &self.bias, self.padding, true, None, None);
+            return kernels::winograd_conv2d(x, &weight, &self.bias, self.padding, true, None, None);
         }
         self.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
     }
 
-    #[cfg(feature = "openblas")]
-    fn winograd_applies(&self, x: &Tensor, upsample: bool) -> bool {
+    fn winograd_applies(&self, x: &Tensor, upsample: bool, residual: Option<&Tensor>) -> bool {
         // (the weight may be stored narrower; it is widened to x's dtype before the kernel)
-        self.stride == 1
-            && cpu::applies(&[x, &self.bias])
-            && cpu::winograd_applies(x, &self.weight, self.padding, upsample)
+        self.stride == 1 && kernels::winograd_applies(x, &self.weight, &self.bias, self.padding, upsample, residual)
     }
 
     /// Counts the multiply-adds of convolving `x` seen at `h × w` (see [`flops`]).
@@ -140,10 +133,9 @@ mod tests {
         for (c_in, c_out, h, w) in [(16, 8, 34, 37), (8, 12, 6, 5)] {
             let (conv, norm) = layers(c_in, c_out);
             let x = random(&[2, c_in, h, w], 5).affine(3.0, 0.5).unwrap();
-            #[cfg(feature = "openblas")]
             assert_eq!(
-                conv.winograd_applies(&x, false),
-                h > 8 && cpu::openblas_expected(),
+                conv.winograd_applies(&x, false, None),
+                h > 8 && kernels::openblas_expected(),
                 "the case must test the path it is meant for"
             );
             let fused = conv.forward_group_norm_silu(&x, &norm).unwrap();
@@ -160,10 +152,9 @@ mod tests {
         for (c_in, c_out, h, w) in [(8, 16, 17, 19), (8, 8, 3, 4)] {
             let (conv, _) = layers(c_in, c_out);
             let x = random(&[2, c_in, h, w], 6);
-            #[cfg(feature = "openblas")]
             assert_eq!(
-                conv.winograd_applies(&x, true),
-                h > 8 && cpu::openblas_expected(),
+                conv.winograd_applies(&x, true, None),
+                h > 8 && kernels::openblas_expected(),
                 "the case must test the path it is meant for"
             );
             let fused = conv.forward_upsampled(&x).unwrap();

@@ -3,13 +3,11 @@
 
 pub mod attention;
 pub mod conv;
-#[cfg(feature = "openblas")]
 pub mod cpu;
 pub mod flops;
 pub mod group_norm;
 pub mod kernels;
 pub mod linear;
-pub mod math;
 pub mod precision;
 pub mod resnet;
 pub mod sampling;

@@ -3,13 +3,11 @@
 //! blocks of self-attention, cross-attention on the text context and a GEGLU feed-forward,
 //! projection out, residual. `[B,C,H,W] × [B,77,Cctx] -> [B,C,H,W]`.
 
-use candle_core::{DType, Module, Storage, Tensor, D};
+use candle_core::{Module, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
-use rayon::prelude::*;
 
 use super::attention::{Attention, AttentionConfig};
-use super::math::{self, with_avx2};
-use super::{conv2d, Conv2d, GroupNorm, Linear};
+use super::{conv2d, kernels, Conv2d, GroupNorm, Linear};
 
 /// Shape of a spatial transformer.
 #[derive(Debug, Clone, Copy)]
@@ -55,40 +53,8 @@ impl FeedForward {
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let projected = self.proj.forward(x)?;
-        self.out.forward(&geglu(&projected)?)
+        self.out.forward(&kernels::geglu(&projected)?)
     }
-}
-
-/// `hidden · gelu(gate)` for `hidden, gate = projected.chunk(2, dim=-1)`; on the CPU in f32 one
-/// vectorised pass over `projected` (candle's would copy both halves out and make two more).
-fn geglu(projected: &Tensor) -> candle_core::Result<Tensor> {
-    let width = projected.dim(D::Minus1)?;
-    let half = width / 2;
-    if projected.dtype() == DType::F32 && projected.device().is_cpu() {
-        let projected = projected.contiguous()?;
-        let (storage, layout) = projected.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else { unreachable!("checked: a CPU tensor") };
-        let (start, end) = layout.contiguous_offsets().expect("made contiguous above");
-        let values = &cpu.as_slice::<f32>()?[start..end];
-        let mut out = vec![0f32; values.len() / 2];
-        out.par_chunks_mut(half).zip(values.par_chunks(width)).for_each(|(out, row)| {
-            with_avx2(
-                #[inline(always)]
-                || {
-                    let (hidden, gate) = row.split_at(half);
-                    for ((out, &h), &g) in out.iter_mut().zip(hidden).zip(gate) {
-                        *out = h * math::gelu_erf(g);
-                    }
-                },
-            )
-        });
-        let mut dims = projected.dims().to_vec();
-        *dims.last_mut().expect("at least one dimension") = half;
-        return Tensor::from_vec(out, dims, projected.device());
-    }
-    let hidden = projected.narrow(D::Minus1, 0, half)?;
-    let gate = projected.narrow(D::Minus1, half, half)?;
-    hidden * gate.gelu_erf()?
 }
 
 struct BasicTransformerBlock {

@@ -15,8 +15,8 @@
 
 use rayon::prelude::*;
 
-use super::sgemm;
-use crate::nn::math::{self, with_avx2};
+use super::math::{self, with_avx2};
+use super::openblas::sgemm;
 
 /// Output tile edge, input tile edge, and positions per transformed tile.
 const OUT: usize = 4;

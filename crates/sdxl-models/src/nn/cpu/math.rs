@@ -72,6 +72,7 @@ pub fn sum_by_runs(x: &[f32], f: impl Fn(f32) -> f32) -> f64 {
 
 /// The largest element (`-∞` for none), in [`LANES`] lanes.
 #[inline(always)]
+#[cfg_attr(not(feature = "openblas"), allow(dead_code))]
 pub fn max(x: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut blocks = x.chunks_exact(LANES);
