@@ -7,6 +7,7 @@
 pub mod decoder;
 pub mod encoder;
 mod tiling;
+pub mod tiny;
 
 use std::path::Path;
 
