@@ -4,7 +4,9 @@ use clap::{Args, ValueEnum};
 use sdxl_engine::bench::{measure, random_sdxl, Component, Measurement};
 
 use crate::device::{self, DeviceArg};
-use crate::model_args::Dtype;
+use crate::model_args::{DecoderArg, Dtype, QuantizeArg};
+use sdxl_engine::bench::unet_step_error;
+use sdxl_engine::model::Overrides;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
 #[value(rename_all = "snake_case")]
@@ -61,6 +63,13 @@ pub struct BenchArgs {
     /// One JSON object per measurement per line, instead of a table.
     #[arg(long)]
     json: bool,
+    /// Quantize the UNet's and text encoders' linear layers (see `sdxl generate --help`); with
+    /// int8, unet_step also reports `rel_error` against the f32 UNet.
+    #[arg(long, value_enum, default_value_t = QuantizeArg::None)]
+    quantize: QuantizeArg,
+    /// The decoder vae_decode and image_4step run: `vae`, or `tiny` (TAESD-XL's size).
+    #[arg(long, value_enum, default_value_t = DecoderArg::Vae)]
+    decoder: DecoderArg,
     /// Time the architecture this diffusers directory describes instead of SDXL base's (its
     /// configs only; the weights are still made up).
     #[arg(long)]
@@ -82,19 +91,30 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let device = args.device.open()?;
     let dtype = args.dtype.map_or_else(|| device::default_dtype(&device), Into::into);
     let started = std::time::Instant::now();
-    let pipeline = random_sdxl(args.config.as_deref(), dtype, args.weights_dtype.map(Into::into), &device)?;
+    let options = Overrides {
+        weights_dtype: args.weights_dtype.map(Into::into),
+        quantize: args.quantize.into(),
+        decoder: args.decoder.into(),
+        ..Overrides::default()
+    };
+    let pipeline = random_sdxl(args.config.as_deref(), &options, dtype, &device)?;
     if !args.json {
         println!(
-            "{}, random weights, {:?} on {}{}, built in {:.1} s; {} timed run(s) after {} warm-up run(s)",
+            "{}, random weights, {:?} on {}{}{}{}, built in {:.1} s; {} timed run(s) after {} warm-up run(s)",
             args.config.as_ref().map_or("full-size SDXL".to_string(), |d| d.display().to_string()),
             dtype,
             sdxl_engine::model::device_name(&device),
             args.weights_dtype.map_or(String::new(), |w| format!(" ({w:?} weights)")),
+            if args.quantize == QuantizeArg::Int8 { ", int8 linear layers" } else { "" },
+            if args.decoder == DecoderArg::Tiny { ", tiny decoder" } else { "" },
             started.elapsed().as_secs_f64(),
             args.runs,
             args.warmup
         );
-        println!("{:<15} {:>10} {:>10} {:>9} {:>13}", "component", "resolution", "median s", "GFLOP/s", "peak RSS MB");
+        println!(
+            "{:<15} {:>10} {:>10} {:>9} {:>13} {:>10}",
+            "component", "resolution", "median s", "GFLOP/s", "peak RSS MB", "rel error"
+        );
     }
     for component in components {
         let sizes: Vec<usize> = match component {
@@ -103,7 +123,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             _ => resolutions.clone(),
         };
         for resolution in sizes {
-            let m = measure(&pipeline, component, resolution, args.warmup, args.runs)?;
+            let mut m = measure(&pipeline, component, resolution, args.warmup, args.runs)?;
+            if component == Component::UnetStep && args.quantize != QuantizeArg::None {
+                m.rel_error = Some(unet_step_error(&pipeline, args.config.as_deref(), resolution)?);
+            }
             print(&m, args.json)?;
         }
     }
@@ -115,9 +138,10 @@ fn print(m: &Measurement, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(m)?);
     } else {
         let resolution = m.resolution.map_or("-".to_string(), |r| format!("{r}²"));
+        let error = m.rel_error.map_or("-".to_string(), |e| format!("{e:.4}"));
         println!(
-            "{:<15} {:>10} {:>10.2} {:>9.1} {:>13.0}",
-            m.component, resolution, m.median_s, m.gflops, m.peak_rss_mb
+            "{:<15} {:>10} {:>10.2} {:>9.1} {:>13.0} {:>10}",
+            m.component, resolution, m.median_s, m.gflops, m.peak_rss_mb, error
         );
     }
     Ok(())

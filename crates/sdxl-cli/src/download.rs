@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::hub::{ensure_model, DownloadOptions, LIGHTNING_STEPS};
+use crate::hub::{ensure_model, ensure_tiny_decoder, DownloadOptions, LIGHTNING_STEPS};
 use clap::Args;
 
 #[derive(Debug, Args)]
@@ -11,18 +11,31 @@ pub struct DownloadArgs {
     /// Which Lightning UNet to fetch: the 1-, 2-, 4- or 8-step checkpoint.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = lightning_steps)]
     steps: u8,
+    /// Also fetch TAESD-XL (madebyollin/taesdxl), the tiny decoder of `--decoder tiny` and of
+    /// the progress previews.
+    #[arg(long)]
+    tiny_decoder: bool,
     /// Hub cache directory [default: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub].
     #[arg(long)]
     dir: Option<PathBuf>,
 }
 
 pub fn run(args: DownloadArgs) -> anyhow::Result<()> {
-    let model = ensure_model(&DownloadOptions { lightning_steps: args.steps, cache_dir: args.dir, progress: true })?;
+    let options = DownloadOptions { lightning_steps: args.steps, cache_dir: args.dir, progress: true };
+    let model = ensure_model(&options)?;
+    let tiny = if args.tiny_decoder { Some(ensure_tiny_decoder(&options)?) } else { None };
     let (dir, unet) = (model.dir.display(), model.unet.display());
+    let tiny_flag = tiny.as_ref().map_or(String::new(), |t| format!(" --tiny-decoder {}", t.display()));
     println!("model directory: {dir}");
     println!("Lightning UNet:  {unet}");
-    println!("use them with:   sdxl serve --model {dir} --unet {unet}");
-    println!("                 sdxl generate --model {dir} --unet {unet} --steps {} --prompt <TEXT> ...", args.steps);
+    if let Some(tiny) = &tiny {
+        println!("tiny decoder:    {}", tiny.display());
+    }
+    println!("use them with:   sdxl serve --model {dir} --unet {unet}{tiny_flag}");
+    println!(
+        "                 sdxl generate --model {dir} --unet {unet}{tiny_flag} --steps {} --prompt <TEXT> ...",
+        args.steps
+    );
     Ok(())
 }
 

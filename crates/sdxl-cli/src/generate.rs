@@ -145,8 +145,7 @@ fn write_preview(
     request: &GenerateRequest,
     progress: &StepProgress,
 ) -> anyhow::Result<()> {
-    let scale = pipeline.vae_scale_factor();
-    let preview = sdxl_engine::preview::latent_preview(progress.latents, scale, request.width, request.height)?;
+    let preview = sdxl_engine::preview::preview(pipeline, progress.latents, request.width, request.height)?;
     let path = dir.join(format!("step-{:02}.png", progress.step));
     std::fs::write(&path, sdxl_engine::png::encode(&preview)?)
         .with_context(|| format!("cannot write {}", path.display()))

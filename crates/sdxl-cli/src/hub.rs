@@ -41,6 +41,9 @@ pub const BASE_REPO: &str = "stabilityai/stable-diffusion-xl-base-1.0";
 pub const LIGHTNING_REPO: &str = "ByteDance/SDXL-Lightning";
 /// The step counts ByteDance publishes a Lightning UNet for.
 pub const LIGHTNING_STEPS: [u8; 4] = [1, 2, 4, 8];
+/// TAESD-XL, the tiny decoder, as a diffusers `AutoencoderTiny`.
+pub const TINY_DECODER_REPO: &str = "madebyollin/taesdxl";
+const TINY_DECODER_FILES: &[&str] = &["config.json", "diffusion_pytorch_model.safetensors"];
 
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 
@@ -117,6 +120,12 @@ pub fn ensure_model(opts: &DownloadOptions) -> Result<DownloadedModel> {
     let dir = hub.fetch_all(BASE_REPO, BASE_FILES)?;
     let unet = hub.fetch_all(LIGHTNING_REPO, &[unet_file.as_str()])?.join(&unet_file);
     Ok(DownloadedModel { dir, unet })
+}
+
+/// Finds TAESD-XL in the Hub cache, downloading what is missing: its folder, for
+/// `--tiny-decoder` (the same environment as [`ensure_model`]).
+pub fn ensure_tiny_decoder(opts: &DownloadOptions) -> Result<PathBuf> {
+    Hub::new(opts)?.fetch_all(TINY_DECODER_REPO, TINY_DECODER_FILES)
 }
 
 /// The cache, and the Hub client unless offline.

@@ -6,6 +6,8 @@ use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 use sdxl_engine::model::Overrides;
 use sdxl_models::lora::{parse_lora_arg, LoraFile};
+use sdxl_models::nn::linear::Quantization;
+use sdxl_models::pipeline::Decoder;
 
 use crate::device::{self, DeviceArg};
 
@@ -61,6 +63,50 @@ pub struct ModelArgs {
     /// with f32 compute halves the memory at f32 arithmetic (default: the compute dtype).
     #[arg(long, env = "SDXL_WEIGHTS_DTYPE", value_enum)]
     pub weights_dtype: Option<Dtype>,
+    /// Quantize the UNet's and text encoders' linear layers as they load: `int8` takes about
+    /// half their time on the CPU (f32 compute only), at a small loss (not pixel-exact).
+    #[arg(long, env = "SDXL_QUANTIZE", value_enum, default_value_t = QuantizeArg::None)]
+    pub quantize: QuantizeArg,
+    /// Which decoder makes the final image: `vae` (exact) or `tiny` (TAESD-XL, about 18×
+    /// cheaper, softer; needs --tiny-decoder).
+    #[arg(long, env = "SDXL_DECODER", value_enum, default_value_t = DecoderArg::Vae)]
+    pub decoder: DecoderArg,
+    /// TAESD-XL: a diffusers AutoencoderTiny folder (as `sdxl download --tiny-decoder` fetches)
+    /// or a weights file in either layout. Loaded, it also makes the progress previews.
+    #[arg(long, env = "SDXL_TINY_DECODER")]
+    pub tiny_decoder: Option<PathBuf>,
+}
+
+/// `--quantize`: how the linear layers keep their matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QuantizeArg {
+    None,
+    Int8,
+}
+
+impl From<QuantizeArg> for Quantization {
+    fn from(q: QuantizeArg) -> Self {
+        match q {
+            QuantizeArg::None => Quantization::None,
+            QuantizeArg::Int8 => Quantization::Int8,
+        }
+    }
+}
+
+/// `--decoder`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DecoderArg {
+    Vae,
+    Tiny,
+}
+
+impl From<DecoderArg> for Decoder {
+    fn from(d: DecoderArg) -> Self {
+        match d {
+            DecoderArg::Vae => Decoder::Vae,
+            DecoderArg::Tiny => Decoder::Tiny,
+        }
+    }
 }
 
 impl ModelArgs {
@@ -72,6 +118,9 @@ impl ModelArgs {
             loras: self.loras.clone(),
             prediction_type: self.prediction_type.clone(),
             weights_dtype: self.weights_dtype.map(DType::from),
+            quantize: self.quantize.into(),
+            tiny_decoder: self.tiny_decoder.clone(),
+            decoder: self.decoder.into(),
         }
     }
 

@@ -41,6 +41,9 @@ const BASE_FILES: &[&str] = &[
 ];
 
 const UNET_4: &str = "sdxl_lightning_4step_unet.safetensors";
+const TINY: &str = "madebyollin/taesdxl";
+const TINY_COMMIT: &str = "fedcba9876543210fedcba9876543210fedcba98";
+const TINY_FILES: &[&str] = &["config.json", "diffusion_pytorch_model.safetensors"];
 const UNET_1: &str = "sdxl_lightning_1step_unet_x0.safetensors";
 
 /// One file the stand-in serves.
@@ -87,7 +90,11 @@ impl StandIn {
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
         let url = format!("http://{}", listener.local_addr().unwrap());
         let mut files = HashMap::new();
-        let repos = [(BASE, BASE_COMMIT, BASE_FILES.to_vec()), (LIGHTNING, LIGHTNING_COMMIT, vec![UNET_1, UNET_4])];
+        let repos = [
+            (BASE, BASE_COMMIT, BASE_FILES.to_vec()),
+            (LIGHTNING, LIGHTNING_COMMIT, vec![UNET_1, UNET_4]),
+            (TINY, TINY_COMMIT, TINY_FILES.to_vec()),
+        ];
         for (repo, commit, names) in repos {
             for name in names {
                 let key = format!("{repo}/{name}");
@@ -258,6 +265,24 @@ fn downloads_into_the_hub_cache_then_needs_no_hub() {
     let (output, offline, stderr) = run(sdxl(home.path(), &dead_endpoint(), &["download"]).env("HF_HUB_OFFLINE", "1"));
     assert!(output.status.success(), "{stderr}");
     assert_eq!(offline, stdout);
+}
+
+#[test]
+fn the_tiny_decoder_downloads_beside_the_model_and_its_flag_is_printed() {
+    let hub = StandIn::start(None);
+    let home = tempfile::tempdir().unwrap();
+    let (output, stdout, stderr) = run(&mut sdxl(home.path(), hub.url(), &["download"]));
+    assert!(output.status.success(), "{stderr}");
+    assert!(!repo_dir(home.path(), TINY).exists(), "fetched without being asked for");
+    assert!(!stdout.contains("--tiny-decoder"), "{stdout}");
+
+    let (output, stdout, stderr) = run(&mut sdxl(home.path(), hub.url(), &["download", "--tiny-decoder"]));
+    assert!(output.status.success(), "{stderr}");
+    let snapshot = repo_dir(home.path(), TINY).join("snapshots").join(TINY_COMMIT);
+    for file in TINY_FILES {
+        assert_eq!(std::fs::read(snapshot.join(file)).unwrap(), hub.body(TINY, file), "{file}");
+    }
+    assert!(stdout.contains(&format!("--tiny-decoder {}", snapshot.display())), "{stdout}");
 }
 
 #[test]

@@ -12,6 +12,10 @@ use serde::Deserialize;
 /// The parity bound per 8-bit channel: worst and mean absolute difference.
 const MAX_ABS: u8 = 3;
 const MEAN_ABS: f64 = 0.1;
+/// With int8 linear layers, against the f32 image of the same model: measured worst 26 and
+/// mean 2.99 on the two tiny models (docs/performance.md); a broken quantizer gives noise.
+const INT8_MAX_ABS: u8 = 40;
+const INT8_MEAN_ABS: f64 = 4.0;
 
 const MODELS: [&str; 2] = ["tiny-sdxl", "tiny-2level-fp16"];
 
@@ -286,4 +290,122 @@ fn previews_are_written_per_step_and_the_timing_is_reported() {
     );
     let timing = stderr.lines().find(|l| l.starts_with("3 steps in ")).unwrap_or_else(|| panic!("{stderr}"));
     assert!(timing.contains("s/step), decoding "), "{timing}");
+}
+
+/// `sdxl generate` on tiny-sdxl with the arguments of the tiny decoder's pipeline case, plus
+/// `extra`; returns the process output.
+fn generate_tiny_case(out: &Path, extra: &[&str]) -> Output {
+    let model = fixtures().join("tiny-sdxl");
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a photo of a cat wearing a tiny hat",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "4",
+        "--guidance",
+        "0",
+        "--seed",
+        "0",
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    sdxl(&args)
+}
+
+#[test]
+fn the_tiny_decoder_gives_diffusers_pixels_and_full_size_previews() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, previews) = (dir.path().join("out.png"), dir.path().join("previews"));
+    let tiny = fixtures().join("tiny-taesd");
+    let output = generate_tiny_case(
+        &out,
+        &["--decoder", "tiny", "--tiny-decoder", tiny.to_str().unwrap(), "--previews", previews.to_str().unwrap()],
+    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    // diffusers' StableDiffusionXLPipeline with `pipe.vae = AutoencoderTiny(...)`
+    let golden = fixtures().join("golden/tiny-taesd/pipeline_g0_64x64_4steps.png");
+    let (max, mean) = png_difference(&std::fs::read(&out).unwrap(), &golden);
+    assert!(max <= MAX_ABS && mean <= MEAN_ABS, "max {max} mean {mean:.4}");
+    // the previews are the tiny decoder's, at the image's size
+    let last = image::open(previews.join("step-04.png")).unwrap();
+    assert_eq!((last.width(), last.height()), (64, 64));
+    let (max, _) = png_difference(&std::fs::read(previews.join("step-04.png")).unwrap(), &golden);
+    assert!(max <= MAX_ABS, "the last preview decodes the final latents: max {max}");
+
+    // the VAE decodes unless --decoder says tiny, and then differs
+    let vae_out = dir.path().join("vae.png");
+    let output = generate_tiny_case(&vae_out, &["--tiny-decoder", tiny.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let (max, _) = png_difference(&std::fs::read(&vae_out).unwrap(), &golden);
+    assert!(max > 20, "the VAE's image should differ from the tiny decoder's, max {max}");
+}
+
+#[test]
+fn the_tiny_decoder_must_be_given_and_match_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = generate_tiny_case(&dir.path().join("out.png"), &["--decoder", "tiny"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--tiny-decoder"), "{stderr}");
+
+    let not_a_decoder = fixtures().join("tiny-sdxl/vae/diffusion_pytorch_model.safetensors");
+    let output = generate_tiny_case(&dir.path().join("out.png"), &["--tiny-decoder", not_a_decoder.to_str().unwrap()]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("decoder.layers.0.weight") || stderr.contains("AutoencoderTiny"), "{stderr}");
+}
+
+#[test]
+fn int8_linear_layers_stay_near_the_f32_image() {
+    let dir = tempfile::tempdir().unwrap();
+    for model in MODELS {
+        for case in cases(model).iter().take(2) {
+            let exact = generate(model, case, true, &dir.path().join("f32.png"));
+            let model_dir = fixtures().join(model);
+            let out = dir.path().join("int8.png");
+            let (width, height, steps, guidance, seed) = (
+                case.width.to_string(),
+                case.height.to_string(),
+                case.steps.to_string(),
+                case.guidance.to_string(),
+                case.seed.to_string(),
+            );
+            let mut args = vec![
+                "generate",
+                "--model",
+                model_dir.to_str().unwrap(),
+                "--prompt",
+                &case.prompt,
+                "--width",
+                &width,
+                "--height",
+                &height,
+                "--steps",
+                &steps,
+                "--guidance",
+                &guidance,
+                "--seed",
+                &seed,
+                "--quantize",
+                "int8",
+                "--output",
+                out.to_str().unwrap(),
+            ];
+            if let Some(negative) = &case.negative_prompt {
+                args.extend(["--negative-prompt", negative]);
+            }
+            let output = sdxl(&args);
+            assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+            let (max, mean) = png_difference(&std::fs::read(&out).unwrap(), &dir.path().join("f32.png"));
+            assert!(exact != std::fs::read(&out).unwrap(), "{model}/{}: int8 gave the f32 bytes", case.name);
+            assert!(max <= INT8_MAX_ABS && mean <= INT8_MEAN_ABS, "{model}/{}: max {max} mean {mean:.4}", case.name);
+        }
+    }
 }

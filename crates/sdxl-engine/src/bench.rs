@@ -6,13 +6,17 @@
 //! [`sdxl_models::nn::flops`], over the median time) and the peak resident memory of the
 //! process during the measured runs (weights included).
 
+use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use sdxl_models::nn::flops;
-use sdxl_models::pipeline::{Generation, Pipeline};
+use sdxl_models::pipeline::{Decoder, Generation, Pipeline};
 use sdxl_models::scheduler::Sampler;
-use sdxl_models::unet::Conditioning;
+use sdxl_models::unet::{Conditioning, UNet};
+use sdxl_models::weights::ComponentWeights;
+
+use crate::model::Overrides;
 
 use crate::{Error, Result};
 
@@ -25,9 +29,10 @@ pub enum Component {
     UnetStep,
     /// One UNet evaluation on the two latents of classifier-free guidance.
     UnetStepCfg,
+    /// The decoder the pipeline decodes with: the VAE, or the tiny one.
     VaeDecode,
     VaeEncode,
-    /// A whole 4-step image: text encoders, four UNet steps, VAE decode.
+    /// A whole 4-step image: text encoders, four UNet steps, decode (the VAE's or the tiny one).
     Image4Step,
 }
 
@@ -65,18 +70,46 @@ pub struct Measurement {
     pub gflops: f64,
     pub peak_rss_mb: f64,
     pub runs: usize,
+    /// For a quantized UNet step: the relative L2 error of its output against the f32 UNet
+    /// with the same made-up weights and inputs ([`unet_step_error`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rel_error: Option<f64>,
 }
 
 /// The full-size SDXL base architecture (as single-file checkpoints are read), or the one the
-/// diffusers directory `description` gives, with made-up weights, computing in `dtype` (with
-/// the matrices kept in `weights_dtype` where given).
-pub fn random_sdxl(
-    description: Option<&std::path::Path>,
-    dtype: DType,
-    weights_dtype: Option<DType>,
-    device: &Device,
-) -> Result<Pipeline> {
-    crate::model::random(description, dtype, weights_dtype, device)
+/// diffusers directory `description` gives, with made-up weights, computing in `dtype`, its
+/// weights kept and its decoder chosen as `options` say.
+pub fn random_sdxl(description: Option<&Path>, options: &Overrides, dtype: DType, device: &Device) -> Result<Pipeline> {
+    crate::model::random(description, options, dtype, device)
+}
+
+/// The relative L2 error `‖ours − f32‖ / ‖f32‖` of one UNet step of `pipeline` (quantized)
+/// against the f32 UNet of the same architecture and made-up weights, on the same inputs:
+/// `pipeline`'s prompt embeddings and one latent of noise at `resolution`. The f32 UNet is
+/// built for the comparison and dropped before this returns.
+pub fn unet_step_error(pipeline: &Pipeline, description: Option<&Path>, resolution: usize) -> Result<f64> {
+    let builtin;
+    let dir = match description {
+        Some(dir) => dir,
+        None => {
+            builtin = crate::builtin::sdxl_base_description()?;
+            builtin.path()
+        }
+    };
+    let device = pipeline.device();
+    let text = pipeline.encode_prompt(PROMPT, None, false)?;
+    let size = resolution as f32;
+    let time_ids = vec![[size, size, 0.0, 0.0, size, size]];
+    let [_, c, h, w] = pipeline.latent_shape(resolution, resolution);
+    let sample = Tensor::randn(0f32, 1f32, (1, c, h, w), device)?;
+    let cond = Conditioning { context: &text.context, text_embeds: &text.pooled, time_ids: &time_ids };
+    let ours = pipeline.components().unet.forward(&sample, 999.0, &cond)?.to_dtype(DType::F32)?;
+    let exact = {
+        let unet = UNet::load_from(&dir.join("unet"), &ComponentWeights::random(), DType::F32, device)?;
+        unet.forward(&sample, 999.0, &cond)?
+    };
+    let squared = |t: &Tensor| -> Result<f64> { Ok(f64::from(t.sqr()?.sum_all()?.to_scalar::<f32>()?)) };
+    Ok((squared(&(&ours - &exact)?)? / squared(&exact)?).sqrt())
 }
 
 const PROMPT: &str = "a photo of an astronaut riding a horse on the moon, detailed, 35mm";
@@ -117,7 +150,14 @@ pub fn measure(
         }
         Component::VaeDecode => {
             let latents = latent(1)?;
-            Box::new(move || parts.vae.decode(&latents).map(drop).map_err(Error::from))
+            Box::new(move || {
+                match (parts.decoder, &parts.tiny_decoder) {
+                    (Decoder::Tiny, Some(tiny)) => tiny.decode(&latents),
+                    _ => parts.vae.decode(&latents),
+                }
+                .map(drop)
+                .map_err(Error::from)
+            })
         }
         Component::VaeEncode => {
             let image = Tensor::rand(-1f32, 1f32, (1, 3, resolution, resolution), &device)?;
@@ -172,6 +212,7 @@ pub fn measure(
         gflops: flops_per_run / median_s / 1e9,
         peak_rss_mb: peak_rss_bytes() as f64 / 1e6,
         runs: times.len(),
+        rel_error: None,
     })
 }
 

@@ -14,10 +14,12 @@ use candle_core::{DType, Device};
 use sdxl_models::clip::text_model::ClipTextModel;
 use sdxl_models::clip::tokenizer::ClipTokenizer;
 use sdxl_models::lora::{LoraFile, LoraSet};
-use sdxl_models::pipeline::{Components, Pipeline};
+use sdxl_models::nn::linear::{self, Quantization};
+use sdxl_models::pipeline::{Components, Decoder, Pipeline};
 use sdxl_models::scheduler::{Scheduler, SchedulerConfig};
 use sdxl_models::sgm;
 use sdxl_models::unet::UNet;
+use sdxl_models::vae::tiny::{TinyDecoder, TinyDecoderConfig};
 use sdxl_models::vae::Vae;
 use sdxl_models::weights::{Checkpoint, ComponentWeights};
 use serde::Deserialize;
@@ -58,6 +60,14 @@ pub struct Overrides {
     /// the memory of f32) while the arithmetic runs in the compute dtype; `None` keeps them in
     /// the compute dtype.
     pub weights_dtype: Option<DType>,
+    /// Quantizes the UNet's and text encoders' linear layers as they load (int8: about half
+    /// their time on the CPU, not pixel-exact); the default keeps them as stored.
+    pub quantize: Quantization,
+    /// A tiny decoder (TAESD-XL): a diffusers `AutoencoderTiny` folder or a weights file in
+    /// either layout. Loaded, it makes the progress previews; `decoder` says whether it also
+    /// makes the final image.
+    pub tiny_decoder: Option<PathBuf>,
+    pub decoder: Decoder,
 }
 
 impl Overrides {
@@ -137,13 +147,10 @@ pub fn load_with(model: &Path, overrides: &Overrides, dtype: DType, device: &Dev
 }
 
 /// The architecture a diffusers directory describes (SDXL base's when `None`) with made-up
-/// weights (see [`ComponentWeights::random`]), for benchmarks.
-pub fn random(
-    description: Option<&Path>,
-    dtype: DType,
-    weights_dtype: Option<DType>,
-    device: &Device,
-) -> Result<Pipeline> {
+/// weights (see [`ComponentWeights::random`]), for benchmarks: `overrides` says how the
+/// weights are kept and which decoder decodes (a tiny decoder of TAESD-XL's size where it is
+/// the tiny one); its file paths are ignored.
+pub fn random(description: Option<&Path>, overrides: &Overrides, dtype: DType, device: &Device) -> Result<Pipeline> {
     let builtin;
     let dir = match description {
         Some(dir) => dir,
@@ -152,8 +159,16 @@ pub fn random(
             builtin.path()
         }
     };
-    let overrides = Overrides { weights_dtype, ..Overrides::default() };
-    build(dir, dir, &overrides, dtype, device, &|_, _| Ok(ComponentWeights::random()))
+    let overrides =
+        Overrides { weights_dtype: overrides.weights_dtype, quantize: overrides.quantize, ..Overrides::default() };
+    let pipeline = build(dir, dir, &overrides, dtype, device, &|_, _| Ok(ComponentWeights::random()))?;
+    Ok(match overrides.decoder {
+        Decoder::Vae => pipeline,
+        Decoder::Tiny => {
+            let tiny = TinyDecoder::load_from(TinyDecoderConfig::default(), &ComponentWeights::random(), device)?;
+            pipeline.with_tiny_decoder(tiny, Decoder::Tiny)
+        }
+    })
 }
 
 /// Builds the pipeline from the description in `dir` (configs, tokenizers, scheduler) and the
@@ -187,6 +202,19 @@ fn build(
         }
         None => None,
     };
+    if overrides.quantize == Quantization::Int8 && !linear::int8_supported(dtype, device) {
+        return Err(Error::InvalidRequest(format!(
+            "--quantize int8 runs on the CPU with f32 compute, not {dtype:?} on {}",
+            device_name(device)
+        )));
+    }
+    if overrides.decoder == Decoder::Tiny && overrides.tiny_decoder.is_none() {
+        return Err(Error::InvalidRequest(
+            "--decoder tiny needs the tiny decoder: --tiny-decoder FILE or folder (`sdxl download --tiny-decoder` \
+             fetches madebyollin/taesdxl)"
+                .into(),
+        ));
+    }
     let model_error = |message: String| Error::Model { dir: model.to_path_buf(), message };
     let description_error = |message: String| Error::Model { dir: dir.to_path_buf(), message };
     if !dir.is_dir() {
@@ -216,25 +244,24 @@ fn build(
         Some(file) => (dir.join("vae"), standalone(file, "vae")?),
         None => (dir.join("vae"), weights("vae", "diffusion_pytorch_model")?),
     };
+    let text_encoder = |folder: &str, with_projection: bool| -> Result<ClipTextModel> {
+        let weights = with_lora(weights(folder, "model")?);
+        let dir = dir.join(folder);
+        Ok(linear::building_with(overrides.quantize, || {
+            ClipTextModel::load_from(&dir, with_projection, &weights, dtype, device)
+        })?)
+    };
     let components = Components {
         tokenizer: ClipTokenizer::from_dir(&dir.join("tokenizer"))?,
         tokenizer_2: ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?,
-        text_encoder: ClipTextModel::load_from(
-            &dir.join("text_encoder"),
-            false,
-            &with_lora(weights("text_encoder", "model")?),
-            dtype,
-            device,
-        )?,
-        text_encoder_2: ClipTextModel::load_from(
-            &dir.join("text_encoder_2"),
-            true,
-            &with_lora(weights("text_encoder_2", "model")?),
-            dtype,
-            device,
-        )?,
-        unet: UNet::load_from(&dir.join("unet"), &with_lora(unet_weights), dtype, device)?,
+        text_encoder: text_encoder("text_encoder", false)?,
+        text_encoder_2: text_encoder("text_encoder_2", true)?,
+        unet: linear::building_with(overrides.quantize, || {
+            UNet::load_from(&dir.join("unet"), &with_lora(unet_weights), dtype, device)
+        })?,
         vae: Vae::load_from(&vae_dir, &vae_weights.stored_as(narrow), device)?,
+        tiny_decoder: overrides.tiny_decoder.as_deref().map(|path| load_tiny_decoder(path, device)).transpose()?,
+        decoder: overrides.decoder,
         scheduler: load_scheduler(&dir.join("scheduler").join("scheduler_config.json"), model, overrides)?,
         force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
     };
@@ -243,6 +270,16 @@ fn build(
     }
     check_compatible(&components).map_err(model_error)?;
     Ok(Pipeline::new(components, device))
+}
+
+/// TAESD-XL from a diffusers `AutoencoderTiny` folder (with its config) or a weights file
+/// (TAESD-XL's config).
+fn load_tiny_decoder(path: &Path, device: &Device) -> Result<TinyDecoder> {
+    Ok(if path.is_dir() {
+        TinyDecoder::load(path, device)?
+    } else {
+        TinyDecoder::load_file(path, TinyDecoderConfig::default(), device)?
+    })
 }
 
 /// A separately distributed UNet or VAE file, in diffusers' layout or the original one (with
@@ -288,6 +325,18 @@ fn check_compatible(c: &Components) -> std::result::Result<(), String> {
         if expected != pooled {
             return Err(format!(
                 "unet add-embedding expects a pooled width of {expected}, text_encoder_2 `projection_dim` is {pooled}"
+            ));
+        }
+    }
+    if let Some(tiny) = &c.tiny_decoder {
+        let (vae, tiny) = (c.vae.config(), tiny.config());
+        if tiny.latent_channels != vae.latent_channels || tiny.scale_factor() != vae.scale_factor() {
+            return Err(format!(
+                "the tiny decoder takes {} latent channels at {}× scale, the VAE's latents are {} channels at {}×",
+                tiny.latent_channels,
+                tiny.scale_factor(),
+                vae.latent_channels,
+                vae.scale_factor()
             ));
         }
     }

@@ -1,8 +1,10 @@
-//! Cheap previews of latents mid-generation: a fixed linear map from SDXL's four latent
-//! channels to RGB, one pixel per latent (1/8 of the image's side), as ComfyUI and other SDXL
-//! tools show while sampling. No VAE runs, so a preview costs microseconds, not seconds.
+//! Previews of latents mid-generation. Where the tiny decoder (TAESD-XL) is loaded, the
+//! latents decoded by it at full size, as ComfyUI's and A1111's TAESD previews: a fraction of
+//! a step's time. Otherwise a fixed linear map from SDXL's four latent channels to RGB, one
+//! pixel per latent (1/8 of the image's side): microseconds, no decoder at all.
 
 use candle_core::{DType, Tensor};
+use sdxl_models::pipeline::Pipeline;
 use sdxl_models::pixels::RgbImage;
 
 use crate::{Error, Result};
@@ -11,6 +13,15 @@ use crate::{Error, Result};
 /// images (ComfyUI's published factors). Values land roughly in [-1, 1].
 const SDXL_LATENT_RGB: [[f32; 3]; 4] =
     [[0.3920, 0.4054, 0.4549], [-0.2634, -0.0196, 0.0653], [0.0568, 0.1687, -0.0755], [-0.3112, -0.2359, -0.2076]];
+
+/// The preview of `latents` for a `width × height` image: by `pipeline`'s tiny decoder where it
+/// has one (cropped to the image: the grid may be padded beyond it), else [`latent_preview`].
+pub fn preview(pipeline: &Pipeline, latents: &Tensor, width: usize, height: usize) -> Result<RgbImage> {
+    match pipeline.tiny_preview(latents) {
+        Some(image) => Ok(crate::generate::crop(&image?, width, height)),
+        None => latent_preview(latents, pipeline.vae_scale_factor(), width, height),
+    }
+}
 
 /// The preview of `latents` (`[1, 4, h, w]`, a grid of `scale`-pixel cells) for an image of
 /// `width × height` pixels: the cells that cover it (the grid may be padded beyond it), each

@@ -57,9 +57,9 @@ pub struct Step<'a> {
     /// Steps done, 1-based.
     pub done: usize,
     pub total: usize,
-    /// The latents after this step, `[1, 4, h, w]`, and the pixels per latent cell, when the
-    /// backend has them (the previews are made from them).
-    pub latents: Option<(&'a Tensor, usize)>,
+    /// The latents after this step, `[1, 4, h, w]`, and the pipeline that made them (whose
+    /// decoders make the previews), when the backend has them.
+    pub latents: Option<(&'a Tensor, &'a Pipeline)>,
 }
 
 /// The real backend: a loaded [`Pipeline`], running [`crate::generate::generate`].
@@ -71,9 +71,9 @@ impl Backend for PipelineBackend {
         request: &GenerateRequest,
         on_step: &mut dyn FnMut(&Step) -> ControlFlow<()>,
     ) -> Result<RgbImage> {
-        let scale = self.0.vae_scale_factor();
-        crate::generate::generate(&self.0, request, &mut |progress| {
-            on_step(&Step { done: progress.step, total: progress.total, latents: Some((progress.latents, scale)) })
+        let pipeline = &self.0;
+        crate::generate::generate(pipeline, request, &mut |progress| {
+            on_step(&Step { done: progress.step, total: progress.total, latents: Some((progress.latents, pipeline)) })
         })
     }
 }
@@ -489,8 +489,8 @@ fn run<B: Backend>(backend: &mut B, shared: &Shared, job: Job) {
             last_step = Some(now);
             let preview = match step.latents {
                 // a preview that cannot be made (another latent layout) is left out
-                Some((latents, scale)) if previews => {
-                    crate::preview::latent_preview(latents, scale, request.width, request.height).ok()
+                Some((latents, pipeline)) if previews => {
+                    crate::preview::preview(pipeline, latents, request.width, request.height).ok()
                 }
                 _ => None,
             };

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{assert_close, fixtures, golden, Tol, MODELS};
 use sdxl_models::clip::text_model::ClipTextModel;
 use sdxl_models::clip::tokenizer::ClipTokenizer;
-use sdxl_models::pipeline::{Components, Generation, Pipeline};
+use sdxl_models::pipeline::{Components, Decoder, Generation, Pipeline};
 use sdxl_models::scheduler::{Sampler, Scheduler};
 use sdxl_models::unet::UNet;
 use sdxl_models::vae::Vae;
@@ -30,6 +30,8 @@ fn load(dir: &Path) -> Pipeline {
             .expect("text_encoder_2"),
         unet: UNet::load(&dir.join("unet"), DType::F32, &cpu).expect("unet"),
         vae: Vae::load(&dir.join("vae"), &cpu).expect("vae"),
+        tiny_decoder: None,
+        decoder: Decoder::Vae,
         scheduler: Scheduler::load(&dir.join("scheduler/scheduler_config.json")).expect("scheduler"),
         force_zeros_for_empty_prompt: true,
     };

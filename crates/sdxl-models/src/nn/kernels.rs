@@ -1,5 +1,5 @@
-//! The heavy kernels, one dispatcher for every device: matrix products, convolutions,
-//! attention, group norm and GEGLU. On the CPU in f32 they run on the kernels under
+//! The heavy kernels, one dispatcher for every device: matrix products (f32, narrow, int8),
+//! convolutions, attention, group norm and GEGLU. On the CPU in f32 they run on the kernels under
 //! [`super::cpu`] (OpenBLAS's sgemm where the `openblas` feature and the library are there;
 //! fused element-wise passes); on a CUDA device in f16/bf16, with the `flash-attn` feature,
 //! attention runs on flash attention v2; otherwise, and for other dtypes and devices, on
@@ -8,6 +8,9 @@
 use candle_core::{DType, Tensor, D};
 
 use super::cpu;
+
+/// An int8 weight matrix for `x · Wᵀ` on the CPU (`--quantize int8`).
+pub use super::cpu::Int8Matrix;
 
 /// Sets, before any thread starts, the environment the CPU kernels' libraries read as they
 /// load (OpenBLAS's core type and thread timeout; see `nn/cpu/openblas.rs`). It writes the

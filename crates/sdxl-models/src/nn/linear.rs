@@ -1,14 +1,54 @@
-//! A fully connected layer, `y = x · Wᵀ + b`, over the last dimension of any-rank input.
+//! A fully connected layer, `y = x · Wᵀ + b`, over the last dimension of any-rank input; its
+//! matrix kept as loaded (f32, or narrow f16/bf16) or quantized to int8 as it loads.
 
-use candle_core::Tensor;
+use std::cell::Cell;
+
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
-use super::{flops, kernels, precision};
+use super::kernels::{self, Int8Matrix};
+use super::{flops, precision};
+
+/// How the linear layers keep their matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Quantization {
+    /// As loaded: the compute dtype, or the narrow storage dtype (pixel-exact).
+    #[default]
+    None,
+    /// int8 blocks (see [`Int8Matrix`]); the activations are quantized as each product runs.
+    Int8,
+}
+
+thread_local! {
+    /// The quantization of the linear layers built on this thread now ([`building_with`]).
+    static BUILDING: Cell<Quantization> = const { Cell::new(Quantization::None) };
+}
+
+/// Runs `build` with every [`Linear`] it constructs on this thread quantized as `quantization`
+/// says: each matrix is quantized as it loads, so the f32 model never exists whole. (A scope
+/// rather than a parameter: the layers sit many constructors deep, and only the models that
+/// ask for it, the UNet and text encoders, are built inside one.)
+pub fn building_with<R>(quantization: Quantization, build: impl FnOnce() -> R) -> R {
+    struct Restore(Quantization);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BUILDING.with(|b| b.set(self.0));
+        }
+    }
+    let _restore = Restore(BUILDING.with(|b| b.replace(quantization)));
+    build()
+}
+
+#[derive(Debug, Clone)]
+enum Matrix {
+    /// `[out, in]`, as torch stores it.
+    Dense(Tensor),
+    Int8(Int8Matrix),
+}
 
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// `[out, in]`, as torch stores it.
-    weight: Tensor,
+    matrix: Matrix,
     bias: Option<Tensor>,
 }
 
@@ -24,17 +64,32 @@ impl Linear {
 
     pub fn with_bias(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
+        let matrix = match BUILDING.with(Cell::get) {
+            Quantization::None => Matrix::Dense(weight),
+            Quantization::Int8 => Matrix::Int8(Int8Matrix::quantize(&weight)?),
+        };
         let bias = bias.then(|| vb.get(out_dim, "bias")).transpose()?;
-        Ok(Self { weight, bias })
+        Ok(Self { matrix, bias })
+    }
+
+    /// `(out, in)`.
+    fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        match &self.matrix {
+            Matrix::Dense(weight) => weight.dims2(),
+            Matrix::Int8(matrix) => Ok(matrix.dims()),
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
-        let (out_dim, in_dim) = self.weight.dims2()?;
+        let (out_dim, in_dim) = self.dims()?;
         let rows = x.elem_count() / in_dim.max(1);
         flops::add(2 * rows * in_dim * out_dim);
-        let weight = precision::widened_for(&self.weight, x)?;
-        let y = kernels::matmul_nt(&x.reshape((rows, in_dim))?, &weight)?;
+        let flat = x.reshape((rows, in_dim))?;
+        let y = match &self.matrix {
+            Matrix::Dense(weight) => kernels::matmul_nt(&flat, &precision::widened_for(weight, x)?)?,
+            Matrix::Int8(matrix) => matrix.matmul_nt(&flat)?.to_dtype(x.dtype())?,
+        };
         let y = match &self.bias {
             Some(bias) => y.broadcast_add(bias)?,
             None => y,
@@ -42,5 +97,47 @@ impl Linear {
         let mut out_dims = dims;
         *out_dims.last_mut().expect("linear input has at least one dimension") = out_dim;
         y.reshape(out_dims)
+    }
+}
+
+/// Whether `dtype` and the device allow int8 linear layers: f32 compute on the CPU.
+pub fn int8_supported(dtype: DType, device: &candle_core::Device) -> bool {
+    dtype == DType::F32 && device.is_cpu()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn layer(vb: VarBuilder) -> Linear {
+        Linear::new(640, 24, vb).unwrap()
+    }
+
+    #[test]
+    fn only_layers_built_in_the_scope_are_quantized_and_they_stay_close() {
+        let device = Device::Cpu;
+        let vb = || {
+            VarBuilder::from_backend(
+                Box::new(crate::random_weights::RandomValues { narrow: None }),
+                DType::F32,
+                device.clone(),
+            )
+        };
+        let dense = layer(vb());
+        let int8 = building_with(Quantization::Int8, || layer(vb()));
+        let after = layer(vb());
+        assert!(matches!(dense.matrix, Matrix::Dense(_)));
+        assert!(matches!(int8.matrix, Matrix::Int8(_)));
+        assert!(matches!(after.matrix, Matrix::Dense(_)), "the scope must end with the call");
+
+        let x = Tensor::randn(0f32, 1., (2, 5, 640), &device).unwrap();
+        let exact = dense.forward(&x).unwrap();
+        let ours = int8.forward(&x).unwrap();
+        assert_eq!(ours.dims(), &[2, 5, 24]);
+        let error = ((&ours - &exact).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
+            / exact.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
+        .sqrt();
+        assert!(error < 0.02 && error > 0.0, "relative error {error}");
     }
 }

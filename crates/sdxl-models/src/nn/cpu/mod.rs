@@ -6,6 +6,7 @@
 //!   products, the banded-im2col and Winograd convolutions ([`conv`], [`winograd`]) and the
 //!   blocked attention ([`attention`]).
 //! - [`group_norm`] and [`geglu`]: fused element-wise passes, vectorised through [`math`].
+//! - [`int8`]: the int8 weight matrices of `--quantize int8`, on candle's quantized matmul.
 
 #[cfg(feature = "openblas")]
 mod attention;
@@ -13,6 +14,7 @@ mod attention;
 mod conv;
 mod geglu;
 mod group_norm;
+mod int8;
 pub(crate) mod math;
 #[cfg(feature = "openblas")]
 mod openblas;
@@ -22,6 +24,8 @@ mod tests;
 mod winograd;
 
 use candle_core::{DType, Storage, Tensor};
+
+pub use int8::Int8Matrix;
 
 /// Floats per unfolded band of a convolution, and per block of attention scores (32 MB):
 /// wide enough for GEMM efficiency, small enough to stay near the caches.
