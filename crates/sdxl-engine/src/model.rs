@@ -159,9 +159,10 @@ pub fn random(description: Option<&Path>, overrides: &Overrides, dtype: DType, d
             builtin.path()
         }
     };
-    let overrides =
+    // The made-up weights need no files: only the precision options apply.
+    let precision =
         Overrides { weights_dtype: overrides.weights_dtype, quantize: overrides.quantize, ..Overrides::default() };
-    let pipeline = build(dir, dir, &overrides, dtype, device, &|_, _| Ok(ComponentWeights::random()))?;
+    let pipeline = build(dir, dir, &precision, dtype, device, &|_, _| Ok(ComponentWeights::random()))?;
     Ok(match overrides.decoder {
         Decoder::Vae => pipeline,
         Decoder::Tiny => {
@@ -419,6 +420,18 @@ mod tests {
         let largest = wide.pixels.iter().zip(&narrow.pixels).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
         assert!(largest > 0, "bf16 weights left every pixel unchanged");
         assert!(largest <= 16, "bf16 weights moved a pixel by {largest}/255");
+    }
+
+    // `sdxl bench --decoder tiny` times what it says: the made-up pipeline decodes with the
+    // tiny decoder.
+    #[test]
+    fn made_up_weights_keep_the_decoder_asked_for() {
+        let overrides = Overrides { decoder: Decoder::Tiny, quantize: Quantization::Int8, ..Overrides::default() };
+        let pipeline = random(Some(&tiny("tiny-sdxl")), &overrides, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(pipeline.components().decoder, Decoder::Tiny);
+        assert!(pipeline.components().tiny_decoder.is_some());
+        let vae = random(Some(&tiny("tiny-sdxl")), &Overrides::default(), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(vae.components().decoder, Decoder::Vae);
     }
 
     #[test]
