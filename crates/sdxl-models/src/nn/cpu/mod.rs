@@ -6,7 +6,8 @@
 //!   products, the banded-im2col and Winograd convolutions ([`conv`], [`winograd`]) and the
 //!   blocked attention ([`attention`]).
 //! - [`group_norm`] and [`geglu`]: fused element-wise passes, vectorised through [`math`].
-//! - [`int8`]: the int8 weight matrices of `--quantize int8`, on candle's quantized matmul.
+//! - [`int8`]: the int8 weight matrices of `--quantize int8` (our AVX-512 VNNI kernel, else
+//!   candle's quantized matmul).
 
 #[cfg(feature = "openblas")]
 mod attention;

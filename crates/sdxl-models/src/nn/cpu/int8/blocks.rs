@@ -1,5 +1,5 @@
-//! Int8 weight matrices for the linear layers (`--quantize int8`), on candle's quantized
-//! CPU matmul in its `Q8_0` format: weights in blocks of 32 along the input dimension, each
+//! Int8 products on candle's quantized CPU matmul in its `Q8_0` format (CPUs without
+//! AVX-512 VNNI): weights in blocks of 32 along the input dimension, each
 //! block 32 int8 values and one f16 scale (1.06 bytes a weight); activations quantized the
 //! same way, per 32 values of each token, as the product runs; int32 sums of each block
 //! scaled back to f32. That is finer than one scale per output channel and per token, so it
@@ -19,14 +19,14 @@ const FAST_MULTIPLE: usize = 256;
 
 /// A weight matrix `[out, in]` in int8, ready for `x · Wᵀ`.
 #[derive(Debug, Clone)]
-pub struct Int8Matrix {
+pub struct Blocks {
     matmul: QMatMul,
     in_dim: usize,
     padded_in: usize,
     out_dim: usize,
 }
 
-impl Int8Matrix {
+impl Blocks {
     /// Quantizes `weight` (`[out, in]`, f32, f16 or bf16, on the CPU); the f32 copy made on the
     /// way lives only for the call.
     pub fn quantize(weight: &Tensor) -> candle_core::Result<Self> {
@@ -84,7 +84,7 @@ mod tests {
         for (rows, in_dim, out_dim) in [(70, 640, 48), (70, 512, 40), (1, 320, 16)] {
             let x = values(rows, in_dim, 0.3);
             let w = values(out_dim, in_dim, 1.1);
-            let q = Int8Matrix::quantize(&w).unwrap();
+            let q = Blocks::quantize(&w).unwrap();
             assert_eq!(q.dims(), (out_dim, in_dim));
             let ours = q.matmul_nt(&x).unwrap();
             assert_eq!(ours.dims(), &[rows, out_dim]);
@@ -103,8 +103,8 @@ mod tests {
     #[test]
     fn half_precision_weights_quantize_like_their_f32_values() {
         let w = values(32, 256, 2.0).to_dtype(DType::F16).unwrap();
-        let from_half = Int8Matrix::quantize(&w).unwrap().dequantize().unwrap();
-        let from_f32 = Int8Matrix::quantize(&w.to_dtype(DType::F32).unwrap()).unwrap().dequantize().unwrap();
+        let from_half = Blocks::quantize(&w).unwrap().dequantize().unwrap();
+        let from_f32 = Blocks::quantize(&w.to_dtype(DType::F32).unwrap()).unwrap().dequantize().unwrap();
         assert_eq!(from_half.to_vec2::<f32>().unwrap(), from_f32.to_vec2::<f32>().unwrap());
     }
 }
