@@ -60,11 +60,13 @@ pub struct ModelArgs {
     #[arg(long, env = "SDXL_DTYPE", value_enum)]
     pub dtype: Option<Dtype>,
     /// Keep the weight matrices in this dtype while computing in --dtype: `--weights-dtype f16`
-    /// with f32 compute halves the memory at f32 arithmetic (default: the compute dtype).
+    /// with f32 compute halves the memory at f32 arithmetic (default: the compute dtype; f16
+    /// for what --quantize int8 leaves unquantized).
     #[arg(long, env = "SDXL_WEIGHTS_DTYPE", value_enum)]
     pub weights_dtype: Option<Dtype>,
     /// Quantize the UNet's and text encoders' linear layers as they load: `int8` takes about
-    /// half their time on the CPU (f32 compute only), at a small loss (not pixel-exact).
+    /// half their time on the CPU (f32 compute only), at a small loss (not pixel-exact); the
+    /// other weight matrices are then kept in f16 unless --weights-dtype f32 says otherwise.
     #[arg(long, env = "SDXL_QUANTIZE", value_enum, default_value_t = QuantizeArg::None)]
     pub quantize: QuantizeArg,
     /// Which decoder makes the final image: `vae` (exact) or `tiny` (TAESD-XL, about 18×

@@ -13,7 +13,8 @@ use serde::Deserialize;
 const MAX_ABS: u8 = 3;
 const MEAN_ABS: f64 = 0.1;
 /// With int8 linear layers, against the f32 image of the same model: measured worst 26 and
-/// mean 2.99 on the two tiny models (docs/performance.md); a broken quantizer gives noise.
+/// mean 3.00 on the two tiny models, in either int8 format (docs/performance.md); a broken
+/// quantizer gives noise.
 const INT8_MAX_ABS: u8 = 40;
 const INT8_MEAN_ABS: f64 = 4.0;
 

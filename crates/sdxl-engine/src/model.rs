@@ -192,9 +192,15 @@ fn build(
         // (A process-wide switch of candle's; a process holds one model.)
         candle_core::cuda::set_gemm_reduced_precision_f32(dtype != DType::F32);
     }
-    let narrow = match overrides.weights_dtype {
+    // int8 leaves the convolutions and embedding tables as matrices: in the fast mode they are
+    // kept in f16 too (1.2 GB less for SDXL, measured no slower) unless asked otherwise.
+    let weights_dtype = match (overrides.weights_dtype, overrides.quantize) {
+        (None, Quantization::Int8) if dtype == DType::F32 => Some(DType::F16),
+        (stored, _) => stored,
+    };
+    let narrow = match weights_dtype {
         Some(stored) if stored == dtype => None,
-        Some(DType::F16 | DType::BF16) if dtype == DType::F32 => overrides.weights_dtype,
+        Some(DType::F16 | DType::BF16) if dtype == DType::F32 => weights_dtype,
         Some(stored) => {
             return Err(Error::InvalidRequest(format!(
                 "weights dtype {stored:?} with compute dtype {dtype:?}: weights can only be kept narrower \
