@@ -50,10 +50,11 @@ fn sdxl(args: &[&str]) -> Output {
 
 /// Runs `sdxl generate` for `case`, with `--noise FILE` or `--seed N`; returns the PNG bytes.
 fn generate(model: &str, case: &Case, by_seed: bool, out: &Path) -> Vec<u8> {
-    generate_in(model, case, by_seed, "f32", out)
+    generate_with(model, case, by_seed, &[], out)
 }
 
-fn generate_in(model: &str, case: &Case, by_seed: bool, dtype: &str, out: &Path) -> Vec<u8> {
+/// `sdxl generate` for one golden case, with `extra` flags after the case's own.
+fn generate_with(model: &str, case: &Case, by_seed: bool, extra: &[&str], out: &Path) -> Vec<u8> {
     let model_dir = fixtures().join(model);
     let noise = fixtures().join("golden").join(model).join(&case.noise);
     let (width, height, steps, guidance, seed) = (
@@ -77,11 +78,10 @@ fn generate_in(model: &str, case: &Case, by_seed: bool, dtype: &str, out: &Path)
         &steps,
         "--guidance",
         &guidance,
-        "--dtype",
-        dtype,
         "--output",
         out.to_str().unwrap(),
     ];
+    args.extend(extra);
     if let Some(negative) = &case.negative_prompt {
         args.extend(["--negative-prompt", negative]);
     }
@@ -144,7 +144,7 @@ fn f16_compute_stays_close_to_the_f32_reference() {
     for model in MODELS {
         let case = &cases(model)[0];
         let dir = tempfile::tempdir().expect("tempdir");
-        let png = generate_in(model, case, false, "f16", &dir.path().join("out.png"));
+        let png = generate_with(model, case, false, &["--dtype", "f16"], &dir.path().join("out.png"));
         let (_, mean) = png_difference(&png, &fixtures().join("golden").join(model).join(&case.png));
         assert!(mean <= F16_MEAN_ABS, "{model}/{}: f16 mean difference {mean:.4} exceeds {F16_MEAN_ABS}", case.name);
     }
@@ -369,43 +369,10 @@ fn int8_linear_layers_stay_near_the_f32_image() {
     for model in MODELS {
         for case in cases(model).iter().take(2) {
             let exact = generate(model, case, true, &dir.path().join("f32.png"));
-            let model_dir = fixtures().join(model);
             let out = dir.path().join("int8.png");
-            let (width, height, steps, guidance, seed) = (
-                case.width.to_string(),
-                case.height.to_string(),
-                case.steps.to_string(),
-                case.guidance.to_string(),
-                case.seed.to_string(),
-            );
-            let mut args = vec![
-                "generate",
-                "--model",
-                model_dir.to_str().unwrap(),
-                "--prompt",
-                &case.prompt,
-                "--width",
-                &width,
-                "--height",
-                &height,
-                "--steps",
-                &steps,
-                "--guidance",
-                &guidance,
-                "--seed",
-                &seed,
-                "--quantize",
-                "int8",
-                "--output",
-                out.to_str().unwrap(),
-            ];
-            if let Some(negative) = &case.negative_prompt {
-                args.extend(["--negative-prompt", negative]);
-            }
-            let output = sdxl(&args);
-            assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-            let (max, mean) = png_difference(&std::fs::read(&out).unwrap(), &dir.path().join("f32.png"));
-            assert!(exact != std::fs::read(&out).unwrap(), "{model}/{}: int8 gave the f32 bytes", case.name);
+            let quantized = generate_with(model, case, true, &["--quantize", "int8"], &out);
+            let (max, mean) = png_difference(&quantized, &dir.path().join("f32.png"));
+            assert!(exact != quantized, "{model}/{}: int8 gave the f32 bytes", case.name);
             assert!(max <= INT8_MAX_ABS && mean <= INT8_MEAN_ABS, "{model}/{}: max {max} mean {mean:.4}", case.name);
         }
     }

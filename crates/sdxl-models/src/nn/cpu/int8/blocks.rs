@@ -65,18 +65,8 @@ impl Blocks {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_values::{relative_error, values};
     use super::*;
-
-    fn values(rows: usize, cols: usize, seed: f32) -> Tensor {
-        let v: Vec<f32> = (0..rows * cols).map(|i| ((i as f32 * 0.618 + seed).sin() * 1.7).tanh()).collect();
-        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
-    }
-
-    fn relative_error(ours: &Tensor, exact: &Tensor) -> f32 {
-        let diff = (ours - exact).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-        let norm = exact.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-        (diff / norm).sqrt()
-    }
 
     #[test]
     fn padded_and_unpadded_widths_match_the_f32_product() {

@@ -63,19 +63,26 @@ impl Int8Matrix {
     }
 }
 
+/// Smooth made-up matrices and the error measure that the format tests share.
 #[cfg(test)]
-mod tests {
-    use super::*;
+mod test_values {
+    use candle_core::{Device, Tensor};
 
-    fn values(rows: usize, cols: usize, seed: f32) -> Tensor {
+    pub fn values(rows: usize, cols: usize, seed: f32) -> Tensor {
         let v: Vec<f32> = (0..rows * cols).map(|i| ((i as f32 * 0.618 + seed).sin() * 1.7).tanh()).collect();
         Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
     }
 
-    fn relative_error(ours: &Tensor, exact: &Tensor) -> f32 {
+    pub fn relative_error(ours: &Tensor, exact: &Tensor) -> f32 {
         let diff = (ours - exact).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
         (diff / exact.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()).sqrt()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_values::{relative_error, values};
+    use super::*;
 
     // Whichever format this CPU chose: near the f32 product, and its dequantized matrix near
     // the weights (8 bits on smooth values: well under 1 %).
