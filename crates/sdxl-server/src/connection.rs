@@ -117,6 +117,8 @@ pub fn open_file_limit() -> u64 {
         let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         // SAFETY: getrlimit only writes the struct it is given, which lives on this stack.
         if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+            // (`rlim_t` is u64 on Linux but not on every Unix)
+            #[allow(clippy::unnecessary_cast)]
             return limit.rlim_cur as u64;
         }
     }

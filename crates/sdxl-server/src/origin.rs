@@ -61,7 +61,7 @@ impl OriginPolicy {
     /// listed.
     fn origin_allowed(&self, origin: &str, host: Option<&str>) -> bool {
         let origin = origin.trim_end_matches('/').to_ascii_lowercase();
-        if self.cors_origins.iter().any(|allowed| *allowed == origin) {
+        if self.cors_origins.contains(&origin) {
             return true;
         }
         let authority = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));

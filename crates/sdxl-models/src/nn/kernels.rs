@@ -11,6 +11,8 @@ use super::cpu;
 
 /// An int8 weight matrix for `x · Wᵀ` on the CPU (`--quantize int8`).
 pub use super::cpu::Int8Matrix;
+/// An int8 convolution on the CPU (`--quantize int8`), and how it reads its input.
+pub use super::cpu::{ConvInput, Int8Conv};
 
 /// Sets, before any thread starts, the environment the CPU kernels' libraries read as they
 /// load (OpenBLAS's core type and thread timeout; see `nn/cpu/openblas.rs`). It writes the

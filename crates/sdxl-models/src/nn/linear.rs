@@ -24,8 +24,9 @@ thread_local! {
     static BUILDING: Cell<Quantization> = const { Cell::new(Quantization::None) };
 }
 
-/// Runs `build` with every [`Linear`] it constructs on this thread quantized as `quantization`
-/// says: each matrix is quantized as it loads, so the f32 model never exists whole. (A scope
+/// Runs `build` with every [`Linear`] (and [`super::Conv2d`]) it constructs on this thread
+/// quantized as `quantization` says: each matrix is quantized as it loads, so the f32 model
+/// never exists whole. (A scope
 /// rather than a parameter: the layers sit many constructors deep, and only the models that
 /// ask for it, the UNet and text encoders, are built inside one.)
 pub fn building_with<R>(quantization: Quantization, build: impl FnOnce() -> R) -> R {
@@ -37,6 +38,11 @@ pub fn building_with<R>(quantization: Quantization, build: impl FnOnce() -> R) -
     }
     let _restore = Restore(BUILDING.with(|b| b.replace(quantization)));
     build()
+}
+
+/// The quantization [`building_with`] set for this thread now.
+pub(crate) fn building() -> Quantization {
+    BUILDING.with(Cell::get)
 }
 
 #[derive(Debug, Clone)]

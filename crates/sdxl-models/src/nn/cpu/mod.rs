@@ -6,8 +6,8 @@
 //!   products, the banded-im2col and Winograd convolutions ([`conv`], [`winograd`]) and the
 //!   blocked attention ([`attention`]).
 //! - [`group_norm`] and [`geglu`]: fused element-wise passes, vectorised through [`math`].
-//! - [`int8`]: the int8 weight matrices of `--quantize int8` (our AVX-512 VNNI kernel, else
-//!   candle's quantized matmul).
+//! - [`int8`]: the int8 weight matrices and convolutions of `--quantize int8` (our AVX-512
+//!   VNNI and AMX kernels, else candle's quantized matmul for the matrices).
 
 #[cfg(feature = "openblas")]
 mod attention;
@@ -26,7 +26,7 @@ mod winograd;
 
 use candle_core::{DType, Storage, Tensor};
 
-pub use int8::Int8Matrix;
+pub use int8::{ConvInput, Int8Conv, Int8Matrix};
 
 /// Floats per unfolded band of a convolution, and per block of attention scores (32 MB):
 /// wide enough for GEMM efficiency, small enough to stay near the caches.

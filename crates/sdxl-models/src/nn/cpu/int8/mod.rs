@@ -1,11 +1,18 @@
 //! Int8 weight matrices for the linear layers (`--quantize int8`), in the format the CPU runs
 //! fastest, chosen once per process:
 //!
-//! - [`vnni`] on AVX-512 VNNI: our kernel, one scale per output channel and per token;
+//! - [`vnni`] on AVX-512 VNNI: our kernel, one scale per output channel and per token, run on
+//!   AMX tiles ([`amx`]) where the CPU has them (same sums, same results);
 //! - [`blocks`] elsewhere: candle's `Q8_0`, one scale per 32 values on both sides.
+//!
+//! And the convolutions' weights ([`Int8Conv`]), on the first format only.
 
+mod amx;
 mod blocks;
+mod conv;
 mod vnni;
+
+pub use conv::{ConvInput, Int8Conv};
 
 use candle_core::{DType, Device, Tensor};
 
