@@ -63,7 +63,7 @@ pub struct BenchArgs {
     /// One JSON object per measurement per line, instead of a table.
     #[arg(long)]
     json: bool,
-    /// Quantize the UNet's and text encoders' linear layers (see `sdxl generate --help`); with
+    /// Quantize the UNet's and text encoders' weights (see `sdxl generate --help`); with
     /// int8, unet_step also reports `rel_error` against the f32 UNet.
     #[arg(long, value_enum, default_value_t = QuantizeArg::None)]
     quantize: QuantizeArg,
@@ -105,7 +105,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             dtype,
             sdxl_engine::model::device_name(&device),
             args.weights_dtype.map_or(String::new(), |w| format!(" ({w:?} weights)")),
-            if args.quantize == QuantizeArg::Int8 { ", int8 linear layers" } else { "" },
+            if args.quantize == QuantizeArg::Int8 { ", int8 weights" } else { "" },
             if args.decoder == DecoderArg::Tiny { ", tiny decoder" } else { "" },
             started.elapsed().as_secs_f64(),
             args.runs,

@@ -60,8 +60,9 @@ pub struct Overrides {
     /// the memory of f32) while the arithmetic runs in the compute dtype; `None` keeps them in
     /// the compute dtype.
     pub weights_dtype: Option<DType>,
-    /// Quantizes the UNet's and text encoders' linear layers as they load (int8: about half
-    /// their time on the CPU, not pixel-exact); the default keeps them as stored.
+    /// Quantizes the UNet's and text encoders' linear layers, and the UNet's convolutions
+    /// where the CPU has the int8 kernel for them, as they load (int8: a fraction of their
+    /// time on the CPU, not pixel-exact); the default keeps them as stored.
     pub quantize: Quantization,
     /// A tiny decoder (TAESD-XL): a diffusers `AutoencoderTiny` folder or a weights file in
     /// either layout. Loaded, it makes the progress previews; `decoder` says whether it also

@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 use super::kernels::{self, Int8Matrix};
 use super::{flops, precision};
 
-/// How the linear layers keep their matrices.
+/// How the linear layers (and convolutions, see [`super::Conv2d`]) keep their weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Quantization {
     /// As loaded: the compute dtype, or the narrow storage dtype (pixel-exact).

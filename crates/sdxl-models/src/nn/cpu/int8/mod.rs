@@ -5,7 +5,7 @@
 //!   AMX tiles ([`amx`]) where the CPU has them (same sums, same results);
 //! - [`blocks`] elsewhere: candle's `Q8_0`, one scale per 32 values on both sides.
 //!
-//! And the convolutions' weights ([`Int8Conv`]), on the first format only.
+//! And int8 convolutions ([`Int8Conv`], [`conv`]), on the first format only.
 
 mod amx;
 mod blocks;
