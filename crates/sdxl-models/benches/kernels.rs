@@ -10,7 +10,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use sdxl_models::nn::kernels::{self, Int8Matrix};
+use sdxl_models::nn::kernels::{self, Int8Matrix, PanelMatrix};
 
 fn random(shape: &[usize]) -> Tensor {
     Tensor::randn(0f32, 1.0, shape, &Device::Cpu).expect("a random tensor")
@@ -34,6 +34,27 @@ fn matmul(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("int8", &id), &(), |b, _| {
             b.iter(|| int8.matmul_nt(&x).expect("int8 product"))
         });
+    }
+    group.finish();
+}
+
+/// The text encoders' products: 77 tokens, OpenCLIP-bigG's and CLIP-L's layers.
+fn matmul_few_rows(c: &mut Criterion) {
+    let shapes = [(77, 1280, 1280), (77, 1280, 5120), (77, 5120, 1280), (77, 768, 3072), (77, 3072, 768)];
+    let mut group = c.benchmark_group("matmul_few_rows");
+    group.sample_size(20);
+    for (m, k, n) in shapes {
+        let x = random(&[m, k]);
+        let w = random(&[n, k]);
+        let data = w.flatten_all().and_then(|w| w.to_vec1::<f32>()).expect("weights");
+        let panels = PanelMatrix::pack(&data, n, k);
+        let xs = x.flatten_all().and_then(|x| x.to_vec1::<f32>()).expect("input");
+        let id = format!("{m}x{k}x{n}");
+        group.throughput(Throughput::Elements((2 * m * k * n) as u64));
+        group.bench_with_input(BenchmarkId::new("f32", &id), &(), |b, _| {
+            b.iter(|| kernels::matmul_nt(&x, &w).expect("f32 product"))
+        });
+        group.bench_with_input(BenchmarkId::new("panels", &id), &(), |b, _| b.iter(|| panels.matmul_nt(&xs, m)));
     }
     group.finish();
 }
@@ -93,5 +114,5 @@ fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_
     candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.matmul(v)
 }
 
-criterion_group!(benches, matmul, conv3x3, attention);
+criterion_group!(benches, matmul, matmul_few_rows, conv3x3, attention);
 criterion_main!(benches);

@@ -10,7 +10,7 @@ use std::path::Path;
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 
-use crate::nn::Linear;
+use crate::nn::{linear, Linear};
 
 use crate::config::read_json;
 use std::sync::Arc;
@@ -249,11 +249,15 @@ impl ClipTextModel {
     ) -> candle_core::Result<Self> {
         let tm = if prefixed { vb.pp("text_model") } else { vb.clone() };
         let emb = tm.pp("embeddings");
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| EncoderLayer::new(tm.pp("encoder").pp("layers").pp(i), cfg, act))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let text_projection =
-            projection_dim.map(|p| Linear::no_bias(cfg.hidden_size, p, vb.pp("text_projection"))).transpose()?;
+        // One row per token: the few-row kernel's products.
+        let (layers, text_projection) = linear::building_for_few_rows(|| -> candle_core::Result<_> {
+            let layers = (0..cfg.num_hidden_layers)
+                .map(|i| EncoderLayer::new(tm.pp("encoder").pp("layers").pp(i), cfg, act))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let text_projection =
+                projection_dim.map(|p| Linear::no_bias(cfg.hidden_size, p, vb.pp("text_projection"))).transpose()?;
+            Ok((layers, text_projection))
+        })?;
         Ok(Self {
             token_embedding: embedding(cfg.vocab_size, cfg.hidden_size, emb.pp("token_embedding"))?,
             position_embedding: embedding(cfg.max_position_embeddings, cfg.hidden_size, emb.pp("position_embedding"))?,

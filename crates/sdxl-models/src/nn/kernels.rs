@@ -11,6 +11,8 @@ use super::cpu;
 
 /// An int8 weight matrix for `x · Wᵀ` on the CPU (`--quantize int8`).
 pub use super::cpu::Int8Matrix;
+/// An f32 weight matrix packed for products with few rows on the CPU (the text encoders).
+pub use super::cpu::PanelMatrix;
 /// An int8 convolution on the CPU (`--quantize int8`), and how it reads its input.
 pub use super::cpu::{ConvInput, Int8Conv};
 
@@ -20,6 +22,21 @@ pub use super::cpu::{ConvInput, Int8Conv};
 /// in `main`. Without it everything still works, possibly on slower OpenBLAS kernels.
 pub fn prepare_process() {
     cpu::prepare_environment();
+}
+
+/// Whether [`pack_panels`] takes this weight: f32 on the CPU, where the kernel runs.
+pub fn panels_apply(weight: &Tensor) -> bool {
+    cpu::panels_apply(weight)
+}
+
+/// `weight` (`[N, K]`) packed for [`panels_matmul_nt`]; only where [`panels_apply`].
+pub fn pack_panels(weight: &Tensor) -> candle_core::Result<PanelMatrix> {
+    cpu::pack_panels(weight)
+}
+
+/// `a · Wᵀ` for `a` `[M, K]` (f32 on the CPU) with a packed `W`: `[M, N]`.
+pub fn panels_matmul_nt(a: &Tensor, weight: &PanelMatrix) -> candle_core::Result<Tensor> {
+    cpu::panels_matmul_nt(a, weight)
 }
 
 /// `a · bᵀ` for `a` `[M, K]` and `b` `[N, K]` (a weight as torch stores it): `[M, N]`.

@@ -6,7 +6,7 @@ use std::cell::Cell;
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
-use super::kernels::{self, Int8Matrix};
+use super::kernels::{self, Int8Matrix, PanelMatrix};
 use super::{flops, precision};
 
 /// How the linear layers (and convolutions, see [`super::Conv2d`]) keep their weights.
@@ -22,6 +22,25 @@ pub enum Quantization {
 thread_local! {
     /// The quantization of the linear layers built on this thread now ([`building_with`]).
     static BUILDING: Cell<Quantization> = const { Cell::new(Quantization::None) };
+    /// Whether the layers built on this thread now run products of few rows
+    /// ([`building_for_few_rows`]).
+    static FEW_ROWS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `build` with `cell` set to `value`, restored afterwards (also on a panic).
+fn scoped<T: Copy + 'static, R>(
+    cell: &'static std::thread::LocalKey<Cell<T>>,
+    value: T,
+    build: impl FnOnce() -> R,
+) -> R {
+    struct Restore<T: Copy + 'static>(&'static std::thread::LocalKey<Cell<T>>, T);
+    impl<T: Copy + 'static> Drop for Restore<T> {
+        fn drop(&mut self) {
+            self.0.with(|c| c.set(self.1));
+        }
+    }
+    let _restore = Restore(cell, cell.with(|c| c.replace(value)));
+    build()
 }
 
 /// Runs `build` with every [`Linear`] (and [`super::Conv2d`]) it constructs on this thread
@@ -30,14 +49,14 @@ thread_local! {
 /// rather than a parameter: the layers sit many constructors deep, and only the models that
 /// ask for it, the UNet and text encoders, are built inside one.)
 pub fn building_with<R>(quantization: Quantization, build: impl FnOnce() -> R) -> R {
-    struct Restore(Quantization);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            BUILDING.with(|b| b.set(self.0));
-        }
-    }
-    let _restore = Restore(BUILDING.with(|b| b.replace(quantization)));
-    build()
+    scoped(&BUILDING, quantization, build)
+}
+
+/// Runs `build` with every f32 [`Linear`] it constructs (not quantized) packed for products of
+/// a few dozen rows, where the CPU has the kernel ([`PanelMatrix`]): the text encoders, whose
+/// products have one row per token.
+pub fn building_for_few_rows<R>(build: impl FnOnce() -> R) -> R {
+    scoped(&FEW_ROWS, true, build)
 }
 
 /// The quantization [`building_with`] set for this thread now.
@@ -50,6 +69,8 @@ enum Matrix {
     /// `[out, in]`, as torch stores it.
     Dense(Tensor),
     Int8(Int8Matrix),
+    /// f32, packed for few rows.
+    Panels(PanelMatrix),
 }
 
 #[derive(Debug, Clone)]
@@ -71,6 +92,9 @@ impl Linear {
     pub fn with_bias(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let matrix = match BUILDING.with(Cell::get) {
+            Quantization::None if FEW_ROWS.with(Cell::get) && kernels::panels_apply(&weight) => {
+                Matrix::Panels(kernels::pack_panels(&weight)?)
+            }
             Quantization::None => Matrix::Dense(weight),
             Quantization::Int8 => Matrix::Int8(Int8Matrix::quantize(&weight)?),
         };
@@ -83,6 +107,7 @@ impl Linear {
         match &self.matrix {
             Matrix::Dense(weight) => weight.dims2(),
             Matrix::Int8(matrix) => Ok(matrix.dims()),
+            Matrix::Panels(matrix) => Ok(matrix.dims()),
         }
     }
 
@@ -95,6 +120,7 @@ impl Linear {
         let y = match &self.matrix {
             Matrix::Dense(weight) => kernels::matmul_nt(&flat, &precision::widened_for(weight, x)?)?,
             Matrix::Int8(matrix) => matrix.matmul_nt(&flat)?.to_dtype(x.dtype())?,
+            Matrix::Panels(matrix) => kernels::panels_matmul_nt(&flat, matrix)?,
         };
         let y = match &self.bias {
             Some(bias) => y.broadcast_add(bias)?,
@@ -145,5 +171,34 @@ mod tests {
             / exact.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
         .sqrt();
         assert!(error < 0.02 && error > 0.0, "relative error {error}");
+    }
+
+    #[test]
+    fn few_row_layers_are_packed_where_the_kernel_runs_and_give_the_same_product() {
+        let device = Device::Cpu;
+        let vb = || {
+            VarBuilder::from_backend(
+                Box::new(crate::random_weights::RandomValues { narrow: None }),
+                DType::F32,
+                device.clone(),
+            )
+        };
+        let dense = layer(vb());
+        let packed = building_for_few_rows(|| layer(vb()));
+        let int8 = building_for_few_rows(|| building_with(Quantization::Int8, || layer(vb())));
+        assert!(matches!(int8.matrix, Matrix::Int8(_)), "quantization comes first");
+        assert!(matches!(layer(vb()).matrix, Matrix::Dense(_)), "the scope must end with the call");
+        if !matches!(packed.matrix, Matrix::Panels(_)) {
+            assert!(!kernels::panels_apply(&Tensor::zeros((2, 2), DType::F32, &device).unwrap()));
+            eprintln!("no panel kernel on this CPU");
+            return;
+        }
+        let x = Tensor::randn(0f32, 1., (1, 77, 640), &device).unwrap();
+        let exact = dense.forward(&x).unwrap();
+        let ours = packed.forward(&x).unwrap();
+        assert_eq!(ours.dims(), &[1, 77, 24]);
+        let worst = (&ours - &exact).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        let worst = worst.to_scalar::<f32>().unwrap();
+        assert!(worst < 1e-4, "worst difference {worst}: only the order of the sums differs");
     }
 }

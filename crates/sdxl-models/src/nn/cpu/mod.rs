@@ -8,6 +8,7 @@
 //! - [`group_norm`] and [`geglu`]: fused element-wise passes, vectorised through [`math`].
 //! - [`int8`]: the int8 weight matrices and convolutions of `--quantize int8` (our AVX-512
 //!   VNNI and AMX kernels, else candle's quantized matmul for the matrices).
+//! - [`panels`]: f32 products of few rows (the text encoders) on weights packed at load.
 
 #[cfg(feature = "openblas")]
 mod attention;
@@ -19,6 +20,7 @@ mod int8;
 pub(crate) mod math;
 #[cfg(feature = "openblas")]
 mod openblas;
+mod panels;
 #[cfg(all(test, feature = "openblas"))]
 mod tests;
 #[cfg(feature = "openblas")]
@@ -27,6 +29,7 @@ mod winograd;
 use candle_core::{DType, Storage, Tensor};
 
 pub use int8::{ConvInput, Int8Conv, Int8Matrix};
+pub use panels::PanelMatrix;
 
 /// Floats per unfolded band of a convolution, and per block of attention scores (32 MB):
 /// wide enough for GEMM efficiency, small enough to stay near the caches.
@@ -121,6 +124,28 @@ pub fn winograd_conv2d(
         let _ = (x, weight, bias, padding, upsample, affine, residual);
         Err(candle_core::Error::Msg("the Winograd convolution needs a build with the `openblas` feature".into()))
     }
+}
+
+/// Whether a weight can be packed in panels: f32 on the CPU, where the kernel runs.
+pub fn panels_apply(weight: &Tensor) -> bool {
+    f32_cpu(&[weight]) && panels::available()
+}
+
+/// Packs an f32 `[N, K]` weight in panels.
+pub fn pack_panels(weight: &Tensor) -> candle_core::Result<PanelMatrix> {
+    let (n, k) = weight.dims2()?;
+    with_data(weight, |w| PanelMatrix::pack(w, n, k))
+}
+
+/// `a · Wᵀ` on the panel kernel.
+pub fn panels_matmul_nt(a: &Tensor, weight: &PanelMatrix) -> candle_core::Result<Tensor> {
+    let (m, k) = a.dims2()?;
+    let (n, k2) = weight.dims();
+    if k != k2 || !f32_cpu(&[a]) {
+        return Err(candle_core::Error::Msg(format!("panel product: [{m}, {k}] f32 on the CPU expected for K = {k2}")));
+    }
+    let out = with_data(a, |a| weight.matmul_nt(a, m))?;
+    Tensor::from_vec(out, (m, n), &candle_core::Device::Cpu)
 }
 
 /// Blocked attention on OpenBLAS.
