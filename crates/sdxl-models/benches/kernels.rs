@@ -1,6 +1,7 @@
 //! The CPU kernels at SDXL's shapes, each beside the path it replaces: the int8 matrix product
 //! against the f32 one, the Winograd convolution against candle's, and the fused attention
-//! against candle's composed one. Shapes are the 512² UNet's and VAE's, cut in the token
+//! against candle's composed one; and the text encoders' few-row products on packed panels
+//! against `sgemm`. Shapes are the 1024² UNet's and the 512² VAE's, cut in the token
 //! dimension so that a run takes minutes, not hours.
 //!
 //!     cargo bench -p sdxl-models --bench kernels
@@ -16,7 +17,7 @@ fn random(shape: &[usize]) -> Tensor {
     Tensor::randn(0f32, 1.0, shape, &Device::Cpu).expect("a random tensor")
 }
 
-/// `[M, K] · [N, K]ᵀ`: the transformer blocks' projections and feed-forward layers at 512²
+/// `[M, K] · [N, K]ᵀ`: the transformer blocks' projections and feed-forward layers at 1024²
 /// (M = 1024 tokens at the 1280-channel level, 4096 at the 640-channel level).
 fn matmul(c: &mut Criterion) {
     let shapes = [(1024, 1280, 10240), (1024, 5120, 1280), (4096, 640, 5120), (4096, 2560, 640)];
@@ -47,7 +48,7 @@ fn matmul_few_rows(c: &mut Criterion) {
         let x = random(&[m, k]);
         let w = random(&[n, k]);
         let data = w.flatten_all().and_then(|w| w.to_vec1::<f32>()).expect("weights");
-        let panels = PanelMatrix::pack(&data, n, k);
+        let panels = PanelMatrix::pack(&data, n, k, None);
         let xs = x.flatten_all().and_then(|x| x.to_vec1::<f32>()).expect("input");
         let id = format!("{m}x{k}x{n}");
         group.throughput(Throughput::Elements((2 * m * k * n) as u64));
@@ -85,7 +86,7 @@ fn conv3x3(c: &mut Criterion) {
     group.finish();
 }
 
-/// Self-attention of the 640-channel level at 512² (4096 tokens, 10 heads of 64), cut to 2
+/// Self-attention of the 640-channel level at 1024² (4096 tokens, 10 heads of 64), cut to 2
 /// heads, and cross-attention to the 77 prompt tokens.
 fn attention(c: &mut Criterion) {
     let shapes = [(2, 4096, 4096, 64), (10, 4096, 77, 64)];

@@ -29,12 +29,13 @@ pub fn panels_apply(weight: &Tensor) -> bool {
     cpu::panels_apply(weight)
 }
 
-/// `weight` (`[N, K]`) packed for [`panels_matmul_nt`]; only where [`panels_apply`].
-pub fn pack_panels(weight: &Tensor) -> candle_core::Result<PanelMatrix> {
-    cpu::pack_panels(weight)
+/// `weight` (`[N, K]`) packed for [`panels_matmul_nt`], with the `bias` (`[N]`) it adds;
+/// only where [`panels_apply`].
+pub fn pack_panels(weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<PanelMatrix> {
+    cpu::pack_panels(weight, bias)
 }
 
-/// `a · Wᵀ` for `a` `[M, K]` (f32 on the CPU) with a packed `W`: `[M, N]`.
+/// `a · Wᵀ (+ bias)` for `a` `[M, K]` (f32 on the CPU) with a packed `W`: `[M, N]`.
 pub fn panels_matmul_nt(a: &Tensor, weight: &PanelMatrix) -> candle_core::Result<Tensor> {
     cpu::panels_matmul_nt(a, weight)
 }

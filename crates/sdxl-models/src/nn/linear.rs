@@ -91,15 +91,15 @@ impl Linear {
 
     pub fn with_bias(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
-        let matrix = match BUILDING.with(Cell::get) {
-            Quantization::None if FEW_ROWS.with(Cell::get) && kernels::panels_apply(&weight) => {
-                Matrix::Panels(kernels::pack_panels(&weight)?)
-            }
-            Quantization::None => Matrix::Dense(weight),
-            Quantization::Int8 => Matrix::Int8(Int8Matrix::quantize(&weight)?),
-        };
         let bias = bias.then(|| vb.get(out_dim, "bias")).transpose()?;
-        Ok(Self { matrix, bias })
+        Ok(match BUILDING.with(Cell::get) {
+            // (the panels add the bias as they store the sums)
+            Quantization::None if FEW_ROWS.with(Cell::get) && kernels::panels_apply(&weight) => {
+                Self { matrix: Matrix::Panels(kernels::pack_panels(&weight, bias.as_ref())?), bias: None }
+            }
+            Quantization::None => Self { matrix: Matrix::Dense(weight), bias },
+            Quantization::Int8 => Self { matrix: Matrix::Int8(Int8Matrix::quantize(&weight)?), bias },
+        })
     }
 
     /// `(out, in)`.

@@ -131,10 +131,14 @@ pub fn panels_apply(weight: &Tensor) -> bool {
     f32_cpu(&[weight]) && panels::available()
 }
 
-/// Packs an f32 `[N, K]` weight in panels.
-pub fn pack_panels(weight: &Tensor) -> candle_core::Result<PanelMatrix> {
+/// Packs an f32 `[N, K]` weight in panels, with its bias.
+pub fn pack_panels(weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<PanelMatrix> {
     let (n, k) = weight.dims2()?;
-    with_data(weight, |w| PanelMatrix::pack(w, n, k))
+    let bias = bias.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
+    if bias.as_ref().is_some_and(|b| b.len() != n) {
+        return Err(candle_core::Error::Msg(format!("panel product: a bias of {n} expected")));
+    }
+    with_data(weight, |w| PanelMatrix::pack(w, n, k, bias))
 }
 
 /// `a · Wᵀ` on the panel kernel.

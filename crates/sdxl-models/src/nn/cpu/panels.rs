@@ -28,12 +28,17 @@ pub struct PanelMatrix {
     in_dim: usize,
     /// `[panels][in_dim][32]`, the last panel padded with zeros.
     weights: Vec<f32>,
+    /// Added to each row of the product, padded like the panels (zeros when there is none).
+    bias: Vec<f32>,
 }
 
 impl PanelMatrix {
-    /// Packs `weight` (`[out_dim, in_dim]`, row-major).
-    pub fn pack(weight: &[f32], out_dim: usize, in_dim: usize) -> Self {
+    /// Packs `weight` (`[out_dim, in_dim]`, row-major), with the `bias` (`[out_dim]`) the
+    /// product adds.
+    pub fn pack(weight: &[f32], out_dim: usize, in_dim: usize, bias: Option<Vec<f32>>) -> Self {
         let panels = out_dim.div_ceil(PANEL);
+        let mut bias = bias.unwrap_or_else(|| vec![0.0; out_dim]);
+        bias.resize(panels * PANEL, 0.0);
         let mut weights = vec![0f32; panels * in_dim * PANEL];
         for n in 0..out_dim {
             let base = (n / PANEL) * in_dim * PANEL + n % PANEL;
@@ -41,14 +46,14 @@ impl PanelMatrix {
                 weights[base + k * PANEL] = *w;
             }
         }
-        Self { out_dim, in_dim, weights }
+        Self { out_dim, in_dim, weights, bias }
     }
 
     pub fn dims(&self) -> (usize, usize) {
         (self.out_dim, self.in_dim)
     }
 
-    /// `x · Wᵀ` for `x` `[rows, in_dim]` row-major: `[rows, out_dim]`. Only where
+    /// `x · Wᵀ + bias` for `x` `[rows, in_dim]` row-major: `[rows, out_dim]`. Only where
     /// [`available`].
     pub fn matmul_nt(&self, x: &[f32], rows: usize) -> Vec<f32> {
         assert!(available(), "the AVX-512 panel kernel called on a CPU without it");
@@ -65,6 +70,7 @@ impl PanelMatrix {
                         x: x[row * self.in_dim..].as_ptr(),
                         in_dim: self.in_dim,
                         weights: self.weights[panel * self.in_dim * PANEL..].as_ptr(),
+                        bias: self.bias[panel * PANEL..].as_ptr(),
                         out: (out_at as *mut f32).wrapping_add(row * self.out_dim + panel * PANEL),
                         out_stride: self.out_dim,
                         columns: self.out_dim - panel * PANEL,
@@ -88,6 +94,7 @@ struct Tile {
     x: *const f32,
     in_dim: usize,
     weights: *const f32,
+    bias: *const f32,
     out: *mut f32,
     out_stride: usize,
     /// Output columns from this tile's first to the matrix's last (a tail panel is cut).
@@ -122,6 +129,7 @@ impl Tile {
                 sums[1] = _mm512_fmadd_ps(a, w1, sums[1]);
             }
         }
+        let bias = [_mm512_loadu_ps(self.bias), _mm512_loadu_ps(self.bias.add(16))];
         for (r, sums) in sums.iter().enumerate() {
             for (half, s) in sums.iter().enumerate() {
                 let valid = self.columns.saturating_sub(half * 16);
@@ -129,7 +137,8 @@ impl Tile {
                     continue;
                 }
                 let mask: __mmask16 = if valid >= 16 { !0 } else { (1u16 << valid) - 1 };
-                _mm512_mask_storeu_ps(self.out.add(r * self.out_stride + half * 16), mask, *s);
+                let value = _mm512_add_ps(*s, bias[half]);
+                _mm512_mask_storeu_ps(self.out.add(r * self.out_stride + half * 16), mask, value);
             }
         }
     }
@@ -154,11 +163,14 @@ mod tests {
         for (rows, in_dim, out_dim) in [(77, 96, 72), (12, 64, 32), (1, 3, 1), (25, 50, 17)] {
             let x = values(rows * in_dim, 0.3);
             let w = values(out_dim * in_dim, 1.1);
-            let ours = PanelMatrix::pack(&w, out_dim, in_dim).matmul_nt(&x, rows);
+            let bias = values(out_dim, 2.3);
+            let ours = PanelMatrix::pack(&w, out_dim, in_dim, Some(bias.clone())).matmul_nt(&x, rows);
+            let unbiased = PanelMatrix::pack(&w, out_dim, in_dim, None).matmul_nt(&x, rows);
             for m in 0..rows {
                 for n in 0..out_dim {
                     let exact: f64 = (0..in_dim).map(|k| x[m * in_dim + k] as f64 * w[n * in_dim + k] as f64).sum();
-                    let got = ours[m * out_dim + n] as f64;
+                    assert_eq!(ours[m * out_dim + n], unbiased[m * out_dim + n] + bias[n], "the bias is added last");
+                    let (got, exact) = (ours[m * out_dim + n] as f64, exact + bias[n] as f64);
                     assert!(
                         (got - exact).abs() <= 1e-5 * (1.0 + exact.abs()),
                         "{rows}×{in_dim}×{out_dim} at ({m}, {n}): {got} vs {exact}"
