@@ -146,16 +146,18 @@ mod tests {
         Linear::new(640, 24, vb).unwrap()
     }
 
+    /// Made-up f32 weights, the same for every layer of the same names.
+    fn vb() -> VarBuilder<'static> {
+        VarBuilder::from_backend(
+            Box::new(crate::random_weights::RandomValues { narrow: None }),
+            DType::F32,
+            Device::Cpu,
+        )
+    }
+
     #[test]
     fn only_layers_built_in_the_scope_are_quantized_and_they_stay_close() {
         let device = Device::Cpu;
-        let vb = || {
-            VarBuilder::from_backend(
-                Box::new(crate::random_weights::RandomValues { narrow: None }),
-                DType::F32,
-                device.clone(),
-            )
-        };
         let dense = layer(vb());
         let int8 = building_with(Quantization::Int8, || layer(vb()));
         let after = layer(vb());
@@ -176,13 +178,6 @@ mod tests {
     #[test]
     fn few_row_layers_are_packed_where_the_kernel_runs_and_give_the_same_product() {
         let device = Device::Cpu;
-        let vb = || {
-            VarBuilder::from_backend(
-                Box::new(crate::random_weights::RandomValues { narrow: None }),
-                DType::F32,
-                device.clone(),
-            )
-        };
         let dense = layer(vb());
         let packed = building_for_few_rows(|| layer(vb()));
         let int8 = building_for_few_rows(|| building_with(Quantization::Int8, || layer(vb())));
