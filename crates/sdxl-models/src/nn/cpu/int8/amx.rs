@@ -1,6 +1,6 @@
 //! The packed int8 product ([`super::vnni::Packed`]) on AMX tiles (`tdpbusd`): one instruction
-//! multiplies 16 rows × 64 inputs by 64 inputs × 16 channels, 16 times the work of a VNNI
-//! register step. The panels are already laid out as a tile's right-hand operand, and the
+//! multiplies 16 rows × 64 inputs by 64 inputs × 16 channels, 256 times the multiply-adds of
+//! one `vpdpbusd`. The panels are already laid out as a tile's right-hand operand, and the
 //! sums, an exact int32 for both kernels, go through the same float epilogue
 //! ([`super::vnni::store_sums`]): the results are bit for bit the VNNI kernel's.
 //!
