@@ -55,7 +55,7 @@ fn matmul_few_rows(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("f32", &id), &(), |b, _| {
             b.iter(|| kernels::matmul_nt(&x, &w).expect("f32 product"))
         });
-        group.bench_with_input(BenchmarkId::new("panels", &id), &(), |b, _| b.iter(|| panels.matmul_nt(&xs, m)));
+        group.bench_with_input(BenchmarkId::new("panels", &id), &(), |b, _| b.iter(|| panels.matmul_nt(&xs, m, None)));
     }
     group.finish();
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 
-use crate::nn::{linear, Linear};
+use crate::nn::{linear, Activation, Linear};
 
 use crate::config::read_json;
 use std::sync::Arc;
@@ -49,30 +49,13 @@ fn default_eos() -> u32 {
     2
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Activation {
-    QuickGelu,
-    Gelu,
-    GeluTanh,
-}
-
-impl Activation {
-    fn parse(name: &str, path: &Path) -> Result<Self> {
-        match name {
-            "quick_gelu" => Ok(Self::QuickGelu),
-            "gelu" => Ok(Self::Gelu),
-            "gelu_new" | "gelu_pytorch_tanh" => Ok(Self::GeluTanh),
-            other => Err(Error::config(path, format!("unsupported `hidden_act` {other:?}"))),
-        }
-    }
-
-    fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            // x * sigmoid(1.702 x)
-            Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
-            Self::Gelu => x.gelu_erf(),
-            Self::GeluTanh => x.gelu(),
-        }
+/// The feed-forward activation a config names.
+fn parse_activation(name: &str, path: &Path) -> Result<Activation> {
+    match name {
+        "quick_gelu" => Ok(Activation::QuickGelu),
+        "gelu" => Ok(Activation::Gelu),
+        "gelu_new" | "gelu_pytorch_tanh" => Ok(Activation::GeluTanh),
+        other => Err(Error::config(path, format!("unsupported `hidden_act` {other:?}"))),
     }
 }
 
@@ -139,7 +122,7 @@ impl EncoderLayer {
 
     fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
         let x = (x + self.self_attn.forward(&self.layer_norm1.forward(x)?, mask)?)?;
-        let h = self.act.apply(&self.fc1.forward(&self.layer_norm2.forward(&x)?)?)?;
+        let h = self.fc1.forward_then(&self.layer_norm2.forward(&x)?, self.act)?;
         x + self.fc2.forward(&h)?
     }
 }
@@ -198,7 +181,7 @@ impl ClipTextModel {
         if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(Error::config(&config_path, "`hidden_size` must be a multiple of `num_attention_heads`"));
         }
-        let act = Activation::parse(&cfg.hidden_act, &config_path)?;
+        let act = parse_activation(&cfg.hidden_act, &config_path)?;
         let projection_dim = match (with_projection, cfg.projection_dim) {
             (true, None) => return Err(Error::config(&config_path, "missing `projection_dim`")),
             (true, Some(p)) => Some(p),

@@ -8,6 +8,7 @@
 use candle_core::{DType, Tensor, D};
 
 use super::cpu;
+use super::Activation;
 
 /// An int8 weight matrix for `x · Wᵀ` on the CPU (`--quantize int8`).
 pub use super::cpu::Int8Matrix;
@@ -35,9 +36,22 @@ pub fn pack_panels(weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Resul
     cpu::pack_panels(weight, bias)
 }
 
-/// `a · Wᵀ (+ bias)` for `a` `[M, K]` (f32 on the CPU) with a packed `W`: `[M, N]`.
-pub fn panels_matmul_nt(a: &Tensor, weight: &PanelMatrix) -> candle_core::Result<Tensor> {
-    cpu::panels_matmul_nt(a, weight)
+/// `a · Wᵀ (+ bias)` for `a` `[M, K]` (f32 on the CPU) with a packed `W`: `[M, N]`, then
+/// `then` applied as the sums are stored.
+pub fn panels_matmul_nt(a: &Tensor, weight: &PanelMatrix, then: Option<Activation>) -> candle_core::Result<Tensor> {
+    cpu::panels_matmul_nt(a, weight, then)
+}
+
+/// `activation` applied to every value of `x`.
+pub fn activate(x: &Tensor, activation: Activation) -> candle_core::Result<Tensor> {
+    if let Some(out) = cpu::activate(x, activation) {
+        return out;
+    }
+    match activation {
+        Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+        Activation::Gelu => x.gelu_erf(),
+        Activation::GeluTanh => x.gelu(),
+    }
 }
 
 /// `a · bᵀ` for `a` `[M, K]` and `b` `[N, K]` (a weight as torch stores it): `[M, N]`.

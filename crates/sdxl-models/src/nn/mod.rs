@@ -1,6 +1,7 @@
 //! Building blocks shared by the UNet and the VAE, ported from diffusers' `models/`:
 //! ResNet blocks, attention, the spatial transformer, down- and upsamplers.
 
+pub mod activation;
 pub mod attention;
 pub mod conv;
 pub mod cpu;
@@ -16,6 +17,7 @@ pub mod transformer;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
+pub use activation::Activation;
 pub use conv::Conv2d;
 pub use group_norm::GroupNorm;
 pub use linear::Linear;

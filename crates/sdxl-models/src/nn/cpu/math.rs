@@ -3,6 +3,8 @@
 //! [`with_avx2`], which runs such loops with 256-bit vectors where the CPU has them, while the
 //! binary stays runnable on any x86-64.
 
+use crate::nn::Activation;
+
 /// Runs `f` compiled for AVX2 and FMA when the CPU has them (else as built). For the code to
 /// be compiled that way it must inline into `f`: pass a closure marked `#[inline(always)]`
 /// that calls `#[inline(always)]` functions. Results are identical either way (no fused
@@ -112,6 +114,33 @@ pub fn gelu_erf(x: f32) -> f32 {
     x * 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
+/// `x · sigmoid(1.702 x)`, CLIP's quick GELU.
+#[inline(always)]
+pub fn quick_gelu(x: f32) -> f32 {
+    x / (1.0 + exp(-1.702 * x))
+}
+
+/// GELU's tanh form, as torch's `gelu(approximate="tanh")`:
+/// `x · 0.5 · (1 + tanh(√(2/π) · (x + 0.044715 x³)))`, with `tanh u = 1 − 2 / (e^(2u) + 1)`.
+#[inline(always)]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+    let tanh = 1.0 - 2.0 / (exp(2.0 * u) + 1.0);
+    x * 0.5 * (1.0 + tanh)
+}
+
+/// Every value of `values` through `activation`, vectorised (see [`with_avx2`]): the same bits
+/// wherever it runs, fused into a product or on its own.
+#[inline(always)]
+pub fn activate_in_place(values: &mut [f32], activation: Activation) {
+    match activation {
+        Activation::QuickGelu => values.iter_mut().for_each(|v| *v = quick_gelu(*v)),
+        Activation::Gelu => values.iter_mut().for_each(|v| *v = gelu_erf(*v)),
+        Activation::GeluTanh => values.iter_mut().for_each(|v| *v = gelu_tanh(*v)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,5 +182,24 @@ mod tests {
         assert_eq!(erf(0.0), 0.0);
         assert_eq!(erf(10.0), 1.0);
         assert_eq!(erf(-10.0), -1.0);
+    }
+
+    #[test]
+    fn the_gelu_forms_match_their_formulas_in_f64() {
+        let mut worst = [0f64; 2];
+        for i in -20_000..=20_000 {
+            let x = i as f32 * 1e-3;
+            let xd = f64::from(x);
+            let quick = xd / (1.0 + (-1.702 * xd).exp());
+            let tanh = 0.5 * xd * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd.powi(3))).tanh());
+            worst[0] = worst[0].max((f64::from(quick_gelu(x)) - quick).abs() / (1.0 + quick.abs()));
+            worst[1] = worst[1].max((f64::from(gelu_tanh(x)) - tanh).abs() / (1.0 + tanh.abs()));
+        }
+        assert!(worst[0] < 1e-6 && worst[1] < 1e-6, "worst errors {worst:?}");
+        assert_eq!((quick_gelu(0.0), gelu_tanh(0.0)), (0.0, 0.0));
+        // far out: no overflow to NaN or infinity, the limits 0 and x
+        for (value, limit) in [(quick_gelu(-200.0), 0.0), (gelu_tanh(-200.0), 0.0), (gelu_tanh(200.0), 200.0)] {
+            assert!((value - limit).abs() < 1e-30, "{value} for {limit}");
+        }
     }
 }

@@ -27,6 +27,9 @@ mod tests;
 mod winograd;
 
 use candle_core::{DType, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::Activation;
 
 pub use int8::{ConvInput, Int8Conv, Int8Matrix};
 pub use panels::PanelMatrix;
@@ -141,14 +144,14 @@ pub fn pack_panels(weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Resul
     with_data(weight, |w| PanelMatrix::pack(w, n, k, bias))
 }
 
-/// `a · Wᵀ` on the panel kernel.
-pub fn panels_matmul_nt(a: &Tensor, weight: &PanelMatrix) -> candle_core::Result<Tensor> {
+/// `a · Wᵀ` on the panel kernel, then `then` on every value.
+pub fn panels_matmul_nt(a: &Tensor, weight: &PanelMatrix, then: Option<Activation>) -> candle_core::Result<Tensor> {
     let (m, k) = a.dims2()?;
     let (n, k2) = weight.dims();
     if k != k2 || !f32_cpu(&[a]) {
         return Err(candle_core::Error::Msg(format!("panel product: [{m}, {k}] f32 on the CPU expected for K = {k2}")));
     }
-    let out = with_data(a, |a| weight.matmul_nt(a, m))?;
+    let out = with_data(a, |a| weight.matmul_nt(a, m, then))?;
     Tensor::from_vec(out, (m, n), &candle_core::Device::Cpu)
 }
 
@@ -188,6 +191,20 @@ pub fn group_norm_affine(
     f32_cpu(&[x, weight, bias]).then(|| {
         let (gamma, beta) = (weight.to_vec1::<f32>()?, bias.to_vec1::<f32>()?);
         group_norm::channel_affine(x, &gamma, &beta, groups, eps)
+    })
+}
+
+/// `activation` over `x` in one vectorised pass, for f32 on the CPU.
+pub fn activate(x: &Tensor, activation: Activation) -> Option<candle_core::Result<Tensor>> {
+    f32_cpu(&[x]).then(|| {
+        let mut values = with_data(x, <[f32]>::to_vec)?;
+        values.par_chunks_mut(1 << 14).for_each(|chunk| {
+            math::with_avx2(
+                #[inline(always)]
+                || math::activate_in_place(chunk, activation),
+            )
+        });
+        Tensor::from_vec(values, x.dims(), x.device())
     })
 }
 
