@@ -71,7 +71,7 @@ impl PanelMatrix {
         }
         // Tiles of equal height: 77 rows as 7 × 11, not 6 × 12 and a thin 5.
         let tile_rows = rows.div_ceil(rows.div_ceil(TILE_ROWS));
-        
+
         let panels = self.out_dim.div_ceil(PANEL);
         // Panels split among the threads, each streaming its share of the weights once.
         let per_task = panels.div_ceil(rayon::current_num_threads()).max(1);
@@ -251,7 +251,9 @@ mod tests {
             eprintln!("no AVX-512 here: the panel kernel is not run");
             return;
         }
-        for (rows, in_dim, out_dim) in [(77, 96, 72), (12, 64, 32), (1, 3, 1), (25, 50, 17), (13, 2100, 45), (77, 1030, 64)] {
+        for (rows, in_dim, out_dim) in
+            [(77, 96, 72), (12, 64, 32), (1, 3, 1), (25, 50, 17), (13, 2100, 45), (77, 1030, 64)]
+        {
             let x = values(rows * in_dim, 0.3);
             let w = values(out_dim * in_dim, 1.1);
             let bias = values(out_dim, 2.3);
