@@ -75,9 +75,9 @@ pub fn winograd_conv2d(
 ) -> candle_core::Result<Tensor> {
     let (batch, c_in, h, w) = x.dims4()?;
     let (c_out, _, _, _) = weight.dims4()?;
-    let kernels = with_data(weight, |weight| winograd::transform_kernels(weight, c_out, c_in))?;
+    let kernels = with_data(weight, |weight| winograd::TransformedKernels::new(weight, c_out, c_in))?;
     let bias = bias.to_vec1::<f32>()?;
-    let layer = winograd::Winograd { c_in, c_out, h, w, padding, upsample, kernels: &kernels, bias: &bias };
+    let layer = winograd::Winograd { c_in, c_out, h, w, padding, upsample, kernels: kernels.values(), bias: &bias };
     let (out_h, out_w) = (layer.out_h(), layer.out_w());
     let mut out = match residual {
         Some(residual) => {
